@@ -1,0 +1,383 @@
+//! Configuration: environment variables → a validated [`Config`].
+//!
+//! Every setting is an environment variable (`CHANNELS_*`). Validation happens
+//! once, at start-up: a missing or malformed value is a [`ConfigError`] that
+//! names the variable, so an operator never has to guess. Nothing secret is
+//! ever defaulted, except in dev mode ([`Config::dev`]), which uses fixed,
+//! publicly known secrets and refuses to listen beyond loopback by default.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::auth::UpstreamKeySource;
+
+/// The fixed secrets of dev mode. They are public (they are in this file and in
+/// the README), which is the point: `channels gen-token` and the README's tour
+/// work with no setup. Never use dev mode in production.
+pub mod dev {
+    /// Upstream (identity-provider) HS256 secret in dev mode.
+    pub const UPSTREAM_SECRET: &str = "dev-upstream-secret-not-for-production-0123456789";
+    /// ws-token secret in dev mode.
+    pub const WS_TOKEN_SECRET: &str = "dev-ws-token-secret-not-for-production-0123456789";
+    /// The one API key accepted by `POST /notify` in dev mode.
+    pub const API_KEY: &str = "dev-api-key";
+    /// Dev mode listens on loopback only, unless `CHANNELS_LISTEN` says otherwise.
+    pub const LISTEN: &str = "127.0.0.1:3000";
+}
+
+/// Minimum length of any shared secret, so a typo like `secret` is caught at start.
+const MIN_SECRET_BYTES: usize = 32;
+/// SPEC.md: at least 256 KiB of body must always be accepted by `/notify`.
+const MIN_BODY_BYTES: usize = 256 * 1024;
+
+/// A start-up configuration error. The message always names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is required{hint}")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+    #[error("{var} is invalid: {reason}")]
+    Invalid { var: &'static str, reason: String },
+}
+
+/// The validated settings of one node.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `CHANNELS_LISTEN`: the address the HTTP and socket.io server binds.
+    pub listen: SocketAddr,
+    /// Whether the node runs in dev mode (fixed public secrets, loud warning).
+    pub dev_mode: bool,
+    /// How upstream access tokens (`GET /authorize`) are verified.
+    pub upstream: UpstreamConfig,
+    /// `CHANNELS_WS_TOKEN_SECRET`: HMAC secret of the ws tokens, shared by all nodes.
+    pub ws_token_secret: Secret,
+    /// `CHANNELS_WS_TOKEN_TTL`: lifetime of a ws token.
+    pub ws_token_ttl: Duration,
+    /// `CHANNELS_API_KEYS`: keys accepted by `POST /notify` (several, for rotation).
+    pub api_keys: Vec<Secret>,
+    /// `CHANNELS_CORS_ORIGINS`: allowed browser origins; empty means no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// `CHANNELS_MAX_BODY_BYTES`: largest accepted `/notify` body.
+    pub max_body_bytes: usize,
+    /// `CHANNELS_SOCKET_QUEUE`: packets a socket may have waiting before it is
+    /// disconnected as a slow client.
+    pub socket_queue: usize,
+    /// `CHANNELS_WS_MAX_MESSAGE_BYTES`: largest message a client may send us.
+    pub ws_max_message_bytes: usize,
+    /// `CHANNELS_METRICS_MAX_CHANNELS`: distinct channel label values in metrics.
+    pub metrics_max_channels: usize,
+    /// `CHANNELS_SHUTDOWN_TIMEOUT`: upper bound of a graceful shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// How `GET /authorize` verifies the upstream access token.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// Where the verification keys come from.
+    pub keys: UpstreamKeySource,
+    /// `CHANNELS_AUTH_ISSUER`: accepted `iss` values, when set.
+    pub issuer: Option<Vec<String>>,
+    /// `CHANNELS_AUTH_AUDIENCE`: accepted `aud` values, when set.
+    pub audience: Option<Vec<String>>,
+    /// `CHANNELS_AUTH_LEEWAY`: clock skew tolerated on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+/// A secret value whose `Debug` never prints it, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is used as key material.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env(dev_mode: bool) -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect(), dev_mode)
+    }
+
+    /// Dev-mode configuration with no environment at all (tests, the tour).
+    pub fn dev() -> Self {
+        Self::from_vars(&HashMap::new(), true).expect("dev defaults are valid")
+    }
+
+    /// Reads the configuration from a map of variables (the environment, or a
+    /// test's own map).
+    pub fn from_vars(vars: &HashMap<String, String>, dev_mode: bool) -> Result<Self, ConfigError> {
+        let env = Env { vars, dev_mode };
+        let listen_default = if dev_mode {
+            dev::LISTEN
+        } else {
+            "0.0.0.0:3000"
+        };
+        let listen = env.parse("CHANNELS_LISTEN", listen_default)?;
+
+        let upstream = UpstreamConfig {
+            keys: env.upstream_keys()?,
+            issuer: env.list("CHANNELS_AUTH_ISSUER"),
+            audience: env.list("CHANNELS_AUTH_AUDIENCE"),
+            leeway: Duration::from_secs(env.parse("CHANNELS_AUTH_LEEWAY", "30")?),
+        };
+        let ws_token_secret = env.secret("CHANNELS_WS_TOKEN_SECRET", dev::WS_TOKEN_SECRET)?;
+        if let UpstreamKeySource::Hs256(upstream_secret) = &upstream.keys
+            && upstream_secret == &ws_token_secret
+        {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_WS_TOKEN_SECRET",
+                reason: "must differ from CHANNELS_AUTH_HS256_SECRET, or a ws token would pass as an access token".into(),
+            });
+        }
+        let ws_token_ttl: u64 = env.parse("CHANNELS_WS_TOKEN_TTL", "300")?;
+        if ws_token_ttl == 0 || ws_token_ttl > 86_400 {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_WS_TOKEN_TTL",
+                reason: "must be between 1 and 86400 seconds".into(),
+            });
+        }
+
+        let api_keys = match env.list("CHANNELS_API_KEYS") {
+            Some(keys) => keys.into_iter().map(Secret).collect(),
+            None if dev_mode => vec![Secret::new(dev::API_KEY)],
+            None => {
+                return Err(ConfigError::Missing {
+                    var: "CHANNELS_API_KEYS",
+                    hint: " (comma-separated keys accepted by POST /notify)",
+                });
+            }
+        };
+
+        let cors_default = if dev_mode { "*" } else { "" };
+        let cors_origins = env
+            .list("CHANNELS_CORS_ORIGINS")
+            .unwrap_or_else(|| split_list(cors_default));
+
+        let max_body_bytes: usize = env.parse("CHANNELS_MAX_BODY_BYTES", "1048576")?;
+        if max_body_bytes < MIN_BODY_BYTES {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_MAX_BODY_BYTES",
+                reason: format!("must be at least {MIN_BODY_BYTES} (256 KiB)"),
+            });
+        }
+        let socket_queue: usize = env.parse("CHANNELS_SOCKET_QUEUE", "256")?;
+        if socket_queue < 8 {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_SOCKET_QUEUE",
+                reason: "must be at least 8".into(),
+            });
+        }
+        let ws_max_message_bytes: usize = env.parse("CHANNELS_WS_MAX_MESSAGE_BYTES", "16384")?;
+        if ws_max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_WS_MAX_MESSAGE_BYTES",
+                reason: "must be at least 1024 (a CONNECT packet carries a token)".into(),
+            });
+        }
+
+        Ok(Self {
+            listen,
+            dev_mode,
+            upstream,
+            ws_token_secret,
+            ws_token_ttl: Duration::from_secs(ws_token_ttl),
+            api_keys,
+            cors_origins,
+            max_body_bytes,
+            socket_queue,
+            ws_max_message_bytes,
+            metrics_max_channels: env.parse("CHANNELS_METRICS_MAX_CHANNELS", "200")?,
+            shutdown_timeout: Duration::from_secs(env.parse("CHANNELS_SHUTDOWN_TIMEOUT", "10")?),
+        })
+    }
+}
+
+/// The variables being read, and whether dev defaults apply.
+struct Env<'a> {
+    vars: &'a HashMap<String, String>,
+    dev_mode: bool,
+}
+
+impl Env<'_> {
+    /// A set, non-blank value.
+    fn get(&self, var: &str) -> Option<&str> {
+        self.vars
+            .get(var)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.get(var).unwrap_or(default);
+        raw.parse().map_err(|e: T::Err| ConfigError::Invalid {
+            var,
+            reason: format!("{raw:?}: {e}"),
+        })
+    }
+
+    fn list(&self, var: &str) -> Option<Vec<String>> {
+        self.get(var).map(split_list).filter(|l| !l.is_empty())
+    }
+
+    fn secret(&self, var: &'static str, dev_default: &str) -> Result<Secret, ConfigError> {
+        let value = match self.get(var) {
+            Some(v) => v,
+            None if self.dev_mode => dev_default,
+            None => {
+                return Err(ConfigError::Missing {
+                    var,
+                    hint: " (a random string of at least 32 bytes)",
+                });
+            }
+        };
+        if value.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::Invalid {
+                var,
+                reason: format!("must be at least {MIN_SECRET_BYTES} bytes long"),
+            });
+        }
+        Ok(Secret::new(value))
+    }
+
+    /// Exactly one upstream key source must be configured (dev mode: HS256).
+    fn upstream_keys(&self) -> Result<UpstreamKeySource, ConfigError> {
+        let url = self.get("CHANNELS_AUTH_JWKS_URL");
+        let file = self.get("CHANNELS_AUTH_JWKS_FILE");
+        let hs = self.get("CHANNELS_AUTH_HS256_SECRET");
+        match (url, file, hs) {
+            (Some(url), None, None) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(ConfigError::Invalid {
+                        var: "CHANNELS_AUTH_JWKS_URL",
+                        reason: "must be an http:// or https:// URL".into(),
+                    });
+                }
+                Ok(UpstreamKeySource::JwksUrl(url.to_string()))
+            }
+            (None, Some(file), None) => Ok(UpstreamKeySource::JwksFile(PathBuf::from(file))),
+            (None, None, Some(_)) | (None, None, None) if hs.is_some() || self.dev_mode => Ok(
+                UpstreamKeySource::Hs256(self.secret("CHANNELS_AUTH_HS256_SECRET", dev::UPSTREAM_SECRET)?),
+            ),
+            (None, None, None) => Err(ConfigError::Missing {
+                var: "CHANNELS_AUTH_JWKS_URL",
+                hint: " (or CHANNELS_AUTH_JWKS_FILE, or CHANNELS_AUTH_HS256_SECRET): how to verify access tokens",
+            }),
+            _ => Err(ConfigError::Invalid {
+                var: "CHANNELS_AUTH_JWKS_URL",
+                reason: "set only one of CHANNELS_AUTH_JWKS_URL, CHANNELS_AUTH_JWKS_FILE, CHANNELS_AUTH_HS256_SECRET".into(),
+            }),
+        }
+    }
+}
+
+fn split_list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const WS: &str = "ws-secret-ws-secret-ws-secret-ws-secret";
+    const UP: &str = "up-secret-up-secret-up-secret-up-secret";
+
+    #[test]
+    fn production_without_secrets_names_the_missing_variable() {
+        let err = Config::from_vars(&vars(&[]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CHANNELS_AUTH_JWKS_URL"), "{err}");
+        let err = Config::from_vars(&vars(&[("CHANNELS_AUTH_HS256_SECRET", UP)]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CHANNELS_WS_TOKEN_SECRET"), "{err}");
+        let err = Config::from_vars(
+            &vars(&[
+                ("CHANNELS_AUTH_HS256_SECRET", UP),
+                ("CHANNELS_WS_TOKEN_SECRET", WS),
+            ]),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("CHANNELS_API_KEYS"), "{err}");
+    }
+
+    #[test]
+    fn malformed_values_are_refused_with_their_variable() {
+        let base = [
+            ("CHANNELS_AUTH_HS256_SECRET", UP),
+            ("CHANNELS_WS_TOKEN_SECRET", WS),
+            ("CHANNELS_API_KEYS", "k1"),
+        ];
+        for (var, bad) in [
+            ("CHANNELS_LISTEN", "nowhere"),
+            ("CHANNELS_WS_TOKEN_TTL", "-1"),
+            ("CHANNELS_MAX_BODY_BYTES", "1000"),
+            ("CHANNELS_SOCKET_QUEUE", "lots"),
+            ("CHANNELS_WS_TOKEN_SECRET", "short"),
+            ("CHANNELS_AUTH_JWKS_URL", "ftp://x"),
+        ] {
+            let mut v = vars(&base);
+            v.insert(var.into(), bad.into());
+            let err = Config::from_vars(&v, false).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn same_secret_for_upstream_and_ws_tokens_is_refused() {
+        let v = vars(&[
+            ("CHANNELS_AUTH_HS256_SECRET", WS),
+            ("CHANNELS_WS_TOKEN_SECRET", WS),
+            ("CHANNELS_API_KEYS", "k1"),
+        ]);
+        let err = Config::from_vars(&v, false).unwrap_err().to_string();
+        assert!(err.contains("must differ"), "{err}");
+    }
+
+    #[test]
+    fn dev_mode_needs_nothing_and_stays_on_loopback() {
+        let config = Config::dev();
+        assert!(config.listen.ip().is_loopback());
+        assert_eq!(config.api_keys, vec![Secret::new(dev::API_KEY)]);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = Config::dev();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(dev::WS_TOKEN_SECRET));
+        assert!(!debug.contains(dev::API_KEY));
+    }
+}

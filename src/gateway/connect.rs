@@ -1,0 +1,119 @@
+//! Accepting a socket: check its `auth = { token, keycloakID, channel }`,
+//! register it, and make sure it is unregistered on every way out.
+//!
+//! Registration happens in the middleware, before socketioxide sends the
+//! CONNECT acknowledgement: a client that has seen `connect` is therefore
+//! already reachable, with no window in which a notification could miss it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use socketioxide::extract::{SocketRef, State, TryData};
+
+use super::{CONNECT_TIMEOUT, Gateway};
+use crate::notification::{Channel, KeycloakId};
+
+/// Why a connection was refused; its text is the `connect_error` message the
+/// client sees (SPEC.md: `unauthorized` or `bad_request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    /// Missing, malformed, expired or foreign token, or `sub` ≠ `keycloakID`.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// Missing or malformed `keycloakID` or `channel`.
+    #[error("bad_request")]
+    BadRequest,
+}
+
+impl ConnectRefusal {
+    fn label(self) -> &'static str {
+        match self {
+            ConnectRefusal::Unauthorized => "unauthorized",
+            ConnectRefusal::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// A validated `auth` payload.
+struct Credentials {
+    user: KeycloakId,
+    channel: Channel,
+}
+
+/// Parses the `auth` payload. `keycloakID` and `channel` are checked first
+/// (a `bad_request` tells the developer what to fix), then the token.
+fn check(
+    gateway: &Gateway,
+    auth: Result<Value, impl std::fmt::Debug>,
+) -> Result<Credentials, ConnectRefusal> {
+    let auth = auth.map_err(|_| ConnectRefusal::BadRequest)?;
+    let Value::Object(auth) = auth else {
+        return Err(ConnectRefusal::BadRequest);
+    };
+    let string = |key: &str| auth.get(key).and_then(Value::as_str);
+    let user = string("keycloakID")
+        .and_then(|raw| KeycloakId::parse(raw).ok())
+        .ok_or(ConnectRefusal::BadRequest)?;
+    let channel = string("channel")
+        .and_then(|raw| Channel::parse(raw).ok())
+        .ok_or(ConnectRefusal::BadRequest)?;
+    let token = string("token").ok_or(ConnectRefusal::Unauthorized)?;
+    let subject = gateway.ws_tokens.verify(token).map_err(|e| {
+        tracing::debug!(reason = %e, "socket token refused");
+        ConnectRefusal::Unauthorized
+    })?;
+    if subject != user.as_str() {
+        tracing::debug!("socket token subject does not match keycloakID");
+        return Err(ConnectRefusal::Unauthorized);
+    }
+    Ok(Credentials { user, channel })
+}
+
+/// The connect middleware: authenticates, then registers the socket.
+pub(super) async fn authenticate(
+    socket: SocketRef,
+    TryData(auth): TryData<Value>,
+    State(gateway): State<Gateway>,
+) -> Result<(), ConnectRefusal> {
+    let connects = &gateway.metrics.handles().connects;
+    let Credentials { user, channel } = match check(&gateway, auth) {
+        Ok(credentials) => credentials,
+        Err(refusal) => {
+            connects.with_label_values(&[refusal.label()]).inc();
+            return Err(refusal);
+        }
+    };
+    connects.with_label_values(&["accepted"]).inc();
+    tracing::debug!(sid = %socket.id, %channel, transport = ?socket.transport_type(), "socket accepted");
+
+    gateway
+        .registry
+        .insert(socket.id, &user, &channel, socket.clone());
+    let registry = gateway.registry.clone();
+    let (u, c) = (user.clone(), channel.clone());
+    socket.on_disconnect(move |s: SocketRef| async move { registry.remove(s.id, &u, &c) });
+    tokio::spawn(forget_if_never_connected(gateway, socket, user, channel));
+    Ok(())
+}
+
+/// The connect handler, called once the CONNECT acknowledgement is queued.
+/// Everything was done by the middleware.
+pub(super) async fn on_connect(_socket: SocketRef) {}
+
+/// socketioxide only calls the disconnect handler of a socket that completed
+/// its connection. If the engine.io connection died between our middleware
+/// and the CONNECT acknowledgement, the socket never connects and its
+/// disconnect handler never runs, so this drops its registration instead.
+async fn forget_if_never_connected(
+    gateway: Gateway,
+    socket: SocketRef,
+    user: KeycloakId,
+    channel: Channel,
+) {
+    // The acknowledgement follows the middleware without any await point, so
+    // a short grace period is plenty; CONNECT_TIMEOUT bounds it generously.
+    tokio::time::sleep(Duration::from_millis(500).min(CONNECT_TIMEOUT)).await;
+    if !socket.connected() {
+        gateway.registry.remove(socket.id, &user, &channel);
+    }
+}

@@ -1,0 +1,92 @@
+//! The receive side of the bus on this node: find the sockets a notification
+//! targets and write it to each, without ever waiting on one of them.
+//!
+//! A socket whose bounded send queue is full is a slow client: it is counted
+//! once and disconnected. socketioxide's `SocketRef::disconnect` itself needs a free
+//! slot in that queue for the DISCONNECT packet and gives up with
+//! `InternalChannelFull` otherwise, so [`evict`] retries until it goes
+//! through; if the client never drains its queue, engine.io's heartbeat
+//! cannot queue its ping either and closes the connection at the next ping
+//! interval. Either way the disconnect handler then runs as for any other
+//! disconnect.
+
+use std::{sync::Arc, time::Duration};
+
+use dashmap::DashSet;
+use socketioxide::{SendError, SocketError, extract::SocketRef, socket::Sid};
+
+use super::SocketRegistry;
+use crate::{
+    bus::Deliver,
+    metrics::Metrics,
+    notification::{Notification, now_us},
+};
+
+/// How often [`evict`] retries the DISCONNECT of a slow client.
+const EVICT_RETRY: Duration = Duration::from_millis(100);
+/// After this long engine.io's heartbeat has closed a client that never
+/// drains (ping interval 25 s + ping timeout 20 s); [`evict`] stops trying.
+const EVICT_GIVE_UP: Duration = Duration::from_secs(50);
+
+/// Writes notifications from the bus to this node's sockets.
+pub struct Delivery {
+    registry: Arc<SocketRegistry>,
+    metrics: Metrics,
+    /// Slow clients being disconnected, so each is counted and evicted once
+    /// however many notifications still find it meanwhile.
+    evicting: Arc<DashSet<Sid>>,
+}
+
+impl Delivery {
+    pub fn new(registry: Arc<SocketRegistry>, metrics: Metrics) -> Self {
+        Self {
+            registry,
+            metrics,
+            evicting: Arc::default(),
+        }
+    }
+}
+
+impl Deliver for Delivery {
+    fn deliver(&self, notification: &Notification) {
+        let handles = self.metrics.handles();
+        handles.bus_received.inc();
+        let mut sockets = Vec::new();
+        self.registry.lookup(&notification.target, &mut sockets);
+        if sockets.is_empty() {
+            return;
+        }
+        let mut delivered = 0;
+        for socket in sockets {
+            // `&RawValue` serialises as the posted JSON text, verbatim.
+            match socket.emit("notification", &*notification.msg) {
+                Ok(()) => delivered += 1,
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                    if self.evicting.insert(socket.id) {
+                        handles.slow_client_disconnects.inc();
+                        tracing::info!(sid = %socket.id, "slow client: send queue full, disconnecting");
+                        tokio::spawn(evict(socket, self.evicting.clone()));
+                    }
+                }
+                // Closed: the socket is on its way out and its disconnect
+                // handler unregisters it; nothing was promised to it.
+                Err(e) => tracing::debug!(sid = %socket.id, error = %e, "socket skipped"),
+            }
+        }
+        handles.deliveries.inc_by(delivered);
+        let latency_us = now_us().saturating_sub(notification.accepted_at_us);
+        handles.notify_latency.observe(latency_us as f64 / 1e6);
+    }
+}
+
+/// Disconnects a slow client, retrying while its queue is still full.
+async fn evict(socket: SocketRef, evicting: Arc<DashSet<Sid>>) {
+    let deadline = tokio::time::Instant::now() + EVICT_GIVE_UP;
+    while socket.connected() && tokio::time::Instant::now() < deadline {
+        match socket.clone().disconnect() {
+            Err(SocketError::InternalChannelFull) => tokio::time::sleep(EVICT_RETRY).await,
+            _ => break,
+        }
+    }
+    evicting.remove(&socket.id);
+}

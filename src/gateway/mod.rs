@@ -1,0 +1,56 @@
+//! socket.io wiring: the connect middleware that authenticates a socket and
+//! registers it, and the [`Delivery`] sink that writes notifications from
+//! the bus to the registered sockets.
+
+mod connect;
+mod delivery;
+
+use std::{sync::Arc, time::Duration};
+
+use socketioxide::{
+    SocketIo, extract::SocketRef, handler::ConnectHandler, service::SocketIoService,
+};
+
+use crate::{auth::WsTokens, config::Config, metrics::Metrics, registry::Registry};
+
+pub use connect::ConnectRefusal;
+pub use delivery::Delivery;
+
+/// The sockets of this node, by channel and user.
+pub type SocketRegistry = Registry<SocketRef>;
+
+/// What the socket.io handlers share, given to socketioxide as its state.
+#[derive(Clone)]
+pub struct Gateway {
+    pub registry: Arc<SocketRegistry>,
+    pub ws_tokens: WsTokens,
+    pub metrics: Metrics,
+}
+
+/// How long a client has to send its CONNECT packet after the engine.io
+/// handshake, and how long an authenticated socket may stay unconfirmed
+/// before its registration is dropped (see `connect::forget_if_never_connected`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the socket.io service for the default namespace `/`. Requests
+/// outside `/socket.io/` go to `inner`.
+///
+/// Limits come from [`Config`]: the send queue of each socket (a slow client
+/// past it is disconnected by [`Delivery`]), and what a client may send us,
+/// which is only a CONNECT packet with a token, pongs and tiny packets.
+pub fn service<S: Clone>(
+    config: &Config,
+    gateway: Gateway,
+    inner: S,
+) -> (SocketIoService<S>, SocketIo) {
+    let (svc, io) = SocketIo::builder()
+        .max_buffer_size(config.socket_queue)
+        .max_payload(config.ws_max_message_bytes as u64)
+        .ws_max_message_size(config.ws_max_message_bytes)
+        .ws_max_frame_size(config.ws_max_message_bytes)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .with_state(gateway)
+        .build_with_inner_svc(inner);
+    io.ns("/", connect::on_connect.with(connect::authenticate));
+    (svc, io)
+}

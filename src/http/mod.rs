@@ -1,0 +1,104 @@
+//! The HTTP side of a node: the axum routers for `/authorize`, `/notify`, the
+//! operations endpoints and the client bundle.
+//!
+//! The request path: [`app`] serves the client bundle and hands everything
+//! else to the socket.io service, which takes `/socket.io/` requests and
+//! passes the rest to the API [`router`].
+
+mod authorize;
+mod client_bundle;
+mod error;
+mod notify;
+mod ops;
+
+use axum::{
+    Router,
+    http::{HeaderName, HeaderValue, Method, header},
+    routing::{get, post},
+};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+use crate::{
+    auth::{ApiKeys, UpstreamVerifier, WsTokens},
+    bus::Bus,
+    config::Config,
+    metrics::Metrics,
+};
+
+pub use error::ApiError;
+
+/// What the HTTP handlers share. Every field is a cheap-to-clone handle.
+#[derive(Clone)]
+pub struct AppState {
+    pub upstream: UpstreamVerifier,
+    pub ws_tokens: WsTokens,
+    pub api_keys: ApiKeys,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    pub max_body_bytes: usize,
+    /// Cancelled when shutdown starts, so `/readyz` turns 503 and the load
+    /// balancer stops sending new clients here.
+    pub shutting_down: CancellationToken,
+}
+
+/// The routes of the HTTP API, to be wrapped by the socket.io service.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/authorize", get(authorize::authorize))
+        .route("/notify", post(notify::notify))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .with_state(state)
+}
+
+/// The whole node: the client bundle first (socket.io would otherwise take
+/// `/socket.io/socket.io.js` for an engine.io request), then `socket_io`.
+pub fn app<S>(socket_io: S, config: &Config) -> Router
+where
+    S: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    let app = Router::new()
+        .route("/socket.io/{file}", get(client_bundle::serve))
+        .fallback_service(socket_io)
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    match cors(config) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// CORS for browsers, from `CHANNELS_CORS_ORIGINS`; `None` when unset.
+fn cors(config: &Config) -> Option<CorsLayer> {
+    if config.cors_origins.is_empty() {
+        return None;
+    }
+    let origins = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("x-api-key"),
+            ]),
+    )
+}

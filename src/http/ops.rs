@@ -1,0 +1,40 @@
+//! Operations endpoints: liveness, readiness and Prometheus metrics.
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+};
+use serde_json::json;
+
+use super::AppState;
+
+/// `GET /healthz`: the process is alive and serving HTTP.
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 while notifications can be published, 503 otherwise
+/// (Redis unreachable, or shutting down).
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.bus.is_ready() && !state.shutting_down.is_cancelled() {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable"})),
+        )
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

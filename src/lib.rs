@@ -1,0 +1,148 @@
+//! channels: a real-time notification gateway.
+//!
+//! Browser frontends hold socket.io connections; backends `POST /notify`; the
+//! bus hands every notification to every node, and each node writes it to
+//! the sockets it targets. One notification, top to bottom:
+//! `http::notify` (parse and validate into a [`notification::Notification`])
+//! → [`bus::Bus::publish`] → the bus's receive side on every node →
+//! `gateway::Delivery` → [`registry::Registry::lookup`] → socket write.
+//!
+//! [`start`] assembles and runs a node; `main.rs`, the tests and the load
+//! generator all go through it.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod notification;
+pub mod registry;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use socketioxide::SocketIo;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::{ApiKeys, UpstreamVerifier, WsTokens},
+    bus::Bus,
+    config::Config,
+    gateway::{Delivery, Gateway, SocketRegistry},
+    metrics::Metrics,
+    registry::RegistryStats,
+};
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+pub struct Node {
+    addr: SocketAddr,
+    registry: Arc<SocketRegistry>,
+    metrics: Metrics,
+    io: SocketIo,
+    shutting_down: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    config: Config,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Auth(String),
+    #[error("cannot serve: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Starts a node on `listener` with `config`, and returns once it serves.
+pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartError> {
+    let metrics = Metrics::new(config.metrics_max_channels);
+    let registry = Arc::new(SocketRegistry::new(metrics.clone()));
+    let ws_tokens = WsTokens::new(&config.ws_token_secret, config.ws_token_ttl);
+    let upstream = UpstreamVerifier::new(&config.upstream)
+        .await
+        .map_err(StartError::Auth)?;
+
+    let bus = Bus::local(Arc::new(Delivery::new(registry.clone(), metrics.clone())));
+    metrics.handles().bus_up.set(1);
+
+    let shutting_down = CancellationToken::new();
+    let state = http::AppState {
+        upstream,
+        ws_tokens: ws_tokens.clone(),
+        api_keys: ApiKeys::new(&config.api_keys),
+        bus,
+        metrics: metrics.clone(),
+        max_body_bytes: config.max_body_bytes,
+        shutting_down: shutting_down.clone(),
+    };
+    let gateway = Gateway {
+        registry: registry.clone(),
+        ws_tokens,
+        metrics: metrics.clone(),
+    };
+    let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
+    let app = http::app(socket_io, &config);
+
+    let addr = listener.local_addr()?;
+    let stop = shutting_down.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    tracing::info!(%addr, dev_mode = config.dev_mode, "channels node serving");
+    Ok(Node {
+        addr,
+        registry,
+        metrics,
+        io,
+        shutting_down,
+        server,
+        config,
+    })
+}
+
+impl Node {
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sizes of the socket indexes.
+    pub fn registry_stats(&self) -> RegistryStats {
+        self.registry.stats()
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Graceful shutdown (SPEC.md): turn not-ready and stop accepting, close
+    /// every socket so its client reconnects elsewhere, let in-flight HTTP
+    /// calls finish, all within `CHANNELS_SHUTDOWN_TIMEOUT`. Returns whether
+    /// everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        let Node {
+            shutting_down,
+            io,
+            mut server,
+            config,
+            ..
+        } = self;
+        shutting_down.cancel();
+        let graceful = async {
+            io.close().await;
+            let _ = (&mut server).await;
+        };
+        let in_time = tokio::time::timeout(config.shutdown_timeout, graceful)
+            .await
+            .is_ok();
+        if !in_time {
+            tracing::warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; dropping connections");
+            server.abort();
+        }
+        in_time
+    }
+}

@@ -1,0 +1,258 @@
+//! Who is connected to this node: sharded indexes from a channel and from a
+//! user to their sockets.
+//!
+//! Two `DashMap`s (sharded locks) instead of socketioxide's rooms, whose
+//! namespace-wide `RwLock`s are held for a whole broadcast and would stall
+//! every connect and disconnect meanwhile. A lookup copies the matching
+//! socket handles out under one shard's read lock and releases it before any
+//! socket is written to, so delivery never holds a registry lock.
+//!
+//! The third index of SPEC.md, (user, channel), is the user's entry filtered
+//! by channel: a user has a handful of sockets, so the filter is cheaper than
+//! a third map to keep consistent and in memory.
+//!
+//! The registry knows nothing of socket.io: it stores any cloneable handle
+//! `S` (a `SocketRef` in the gateway), so it can be tested on its own.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use socketioxide::socket::Sid;
+
+use crate::{
+    metrics::{ChannelGauge, Metrics},
+    notification::{Channel, KeycloakId, Target},
+};
+
+/// The sockets of this node, by channel and by user.
+pub struct Registry<S> {
+    by_channel: DashMap<Channel, ChannelSockets<S>>,
+    by_user: DashMap<KeycloakId, Vec<UserSocket<S>>>,
+    /// Total sockets, kept beside the maps so reading it takes no lock.
+    sockets: AtomicUsize,
+    metrics: Metrics,
+}
+
+/// The sockets of one channel, and the metric series they are counted in.
+struct ChannelSockets<S> {
+    sockets: HashMap<Sid, S>,
+    gauge: ChannelGauge,
+}
+
+/// One socket of a user: which channel it is in, for the user-channel variant.
+struct UserSocket<S> {
+    sid: Sid,
+    channel: Channel,
+    socket: S,
+}
+
+/// Sizes of the indexes, for tests and diagnostics.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct RegistryStats {
+    pub channels: usize,
+    pub users: usize,
+    pub sockets: usize,
+}
+
+impl<S: Clone> Registry<S> {
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            by_channel: DashMap::new(),
+            by_user: DashMap::new(),
+            sockets: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    /// Makes a socket reachable by its channel, its user, and the pair.
+    pub fn insert(&self, sid: Sid, user: &KeycloakId, channel: &Channel, socket: S) {
+        let mut entry = self
+            .by_channel
+            .entry(channel.clone())
+            .or_insert_with(|| ChannelSockets {
+                sockets: HashMap::new(),
+                gauge: self.metrics.channel_gauge(channel),
+            });
+        if entry.sockets.insert(sid, socket.clone()).is_some() {
+            return; // Already registered: keep the counts right.
+        }
+        entry.gauge.inc();
+        drop(entry);
+        self.by_user
+            .entry(user.clone())
+            .or_default()
+            .push(UserSocket {
+                sid,
+                channel: channel.clone(),
+                socket,
+            });
+        self.sockets.fetch_add(1, Ordering::Relaxed);
+        self.metrics.handles().sockets.inc();
+    }
+
+    /// Removes a socket from every index; empty entries are dropped so
+    /// nothing is left behind. Removing an unknown socket does nothing.
+    pub fn remove(&self, sid: Sid, user: &KeycloakId, channel: &Channel) {
+        let removed = match self.by_channel.entry(channel.clone()) {
+            Entry::Occupied(mut entry) => {
+                let removed = entry.get_mut().sockets.remove(&sid).is_some();
+                if removed {
+                    entry.get().gauge.dec();
+                }
+                if entry.get().sockets.is_empty() {
+                    let (channel, sockets) = entry.remove_entry();
+                    self.metrics.release_channel(&channel, sockets.gauge);
+                }
+                removed
+            }
+            Entry::Vacant(_) => false,
+        };
+        if let Entry::Occupied(mut entry) = self.by_user.entry(user.clone()) {
+            entry.get_mut().retain(|s| s.sid != sid);
+            if entry.get().is_empty() {
+                entry.remove();
+            }
+        }
+        if removed {
+            self.sockets.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.handles().sockets.dec();
+        }
+    }
+
+    /// Appends the sockets a target reaches to `out`.
+    pub fn lookup(&self, target: &Target, out: &mut Vec<S>) {
+        match target {
+            Target::Channel { channel } => {
+                if let Some(entry) = self.by_channel.get(channel) {
+                    out.extend(entry.sockets.values().cloned());
+                }
+            }
+            Target::User { keycloak } => {
+                if let Some(entry) = self.by_user.get(keycloak) {
+                    out.extend(entry.iter().map(|s| s.socket.clone()));
+                }
+            }
+            Target::UserChannel { keycloak, channel } => {
+                if let Some(entry) = self.by_user.get(keycloak) {
+                    out.extend(
+                        entry
+                            .iter()
+                            .filter(|s| &s.channel == channel)
+                            .map(|s| s.socket.clone()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Current sizes of the indexes.
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            channels: self.by_channel.len(),
+            users: self.by_user.len(),
+            sockets: self.sockets.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(s: &str) -> Channel {
+        Channel::parse(s).unwrap()
+    }
+    fn user(s: &str) -> KeycloakId {
+        KeycloakId::parse(s).unwrap()
+    }
+    fn found(r: &Registry<u32>, t: Target) -> Vec<u32> {
+        let mut out = Vec::new();
+        r.lookup(&t, &mut out);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn each_variant_reaches_exactly_its_sockets() {
+        let r = Registry::new(Metrics::new(10));
+        r.insert(Sid::new(), &user("alice"), &ch("admin"), 1);
+        r.insert(Sid::new(), &user("alice"), &ch("b2b"), 2);
+        r.insert(Sid::new(), &user("bob"), &ch("admin"), 3);
+        assert_eq!(
+            found(
+                &r,
+                Target::Channel {
+                    channel: ch("admin")
+                }
+            ),
+            vec![1, 3]
+        );
+        assert_eq!(
+            found(
+                &r,
+                Target::User {
+                    keycloak: user("alice")
+                }
+            ),
+            vec![1, 2]
+        );
+        assert_eq!(
+            found(
+                &r,
+                Target::UserChannel {
+                    keycloak: user("alice"),
+                    channel: ch("b2b")
+                }
+            ),
+            vec![2]
+        );
+        assert_eq!(
+            found(&r, Target::Channel { channel: ch("msf") }),
+            Vec::<u32>::new()
+        );
+    }
+
+    #[test]
+    fn removing_every_socket_leaves_every_index_empty() {
+        let metrics = Metrics::new(10);
+        let r = Registry::new(metrics.clone());
+        let sockets: Vec<_> = (0..100u32)
+            .map(|i| {
+                (
+                    Sid::new(),
+                    user(&format!("u{}", i % 7)),
+                    ch(&format!("c{}", i % 3)),
+                    i,
+                )
+            })
+            .collect();
+        for (sid, u, c, i) in &sockets {
+            r.insert(*sid, u, c, *i);
+        }
+        assert_eq!(
+            r.stats(),
+            RegistryStats {
+                channels: 3,
+                users: 7,
+                sockets: 100
+            }
+        );
+        for (sid, u, c, _) in &sockets {
+            r.remove(*sid, u, c);
+            r.remove(*sid, u, c); // twice: idempotent
+        }
+        assert_eq!(
+            r.stats(),
+            RegistryStats {
+                channels: 0,
+                users: 0,
+                sockets: 0
+            }
+        );
+        assert_eq!(metrics.handles().sockets.get(), 0);
+        assert!(!metrics.render().contains("channel=\"c0\""));
+    }
+}
