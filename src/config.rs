@@ -69,6 +69,11 @@ pub struct Config {
     pub metrics_max_channels: usize,
     /// `CHANNELS_SHUTDOWN_TIMEOUT`: upper bound of a graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// `CHANNELS_PING_INTERVAL`: engine.io heartbeat interval. Load balancer
+    /// idle timeouts must be longer.
+    pub ping_interval: Duration,
+    /// `CHANNELS_PING_TIMEOUT`: how long a client has to answer a ping.
+    pub ping_timeout: Duration,
 }
 
 /// How `GET /authorize` verifies the upstream access token.
@@ -200,6 +205,8 @@ impl Config {
             ws_max_message_bytes,
             metrics_max_channels: env.parse("CHANNELS_METRICS_MAX_CHANNELS", "200")?,
             shutdown_timeout: Duration::from_secs(env.parse("CHANNELS_SHUTDOWN_TIMEOUT", "10")?),
+            ping_interval: env.seconds("CHANNELS_PING_INTERVAL", "25")?,
+            ping_timeout: env.seconds("CHANNELS_PING_TIMEOUT", "20")?,
         })
     }
 }
@@ -232,6 +239,17 @@ impl Env<'_> {
             var,
             reason: format!("{raw:?}: {e}"),
         })
+    }
+
+    /// A whole, positive number of seconds.
+    fn seconds(&self, var: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        match self.parse::<u64>(var, default)? {
+            0 => Err(ConfigError::Invalid {
+                var,
+                reason: "must be at least 1 second".into(),
+            }),
+            secs => Ok(Duration::from_secs(secs)),
+        }
     }
 
     fn list(&self, var: &str) -> Option<Vec<String>> {

@@ -63,7 +63,11 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         .await
         .map_err(StartError::Auth)?;
 
-    let bus = Bus::local(Arc::new(Delivery::new(registry.clone(), metrics.clone())));
+    let bus = Bus::local(Arc::new(Delivery::new(
+        registry.clone(),
+        metrics.clone(),
+        &config,
+    )));
     metrics.handles().bus_up.set(1);
 
     let shutting_down = CancellationToken::new();

@@ -78,15 +78,24 @@ impl UpstreamVerifier {
         let mut base = Validation::new(Algorithm::HS256);
         base.leeway = config.leeway.as_secs();
         base.validate_nbf = true;
-        base.set_required_spec_claims(&["exp", "sub"]);
+        // A configured check also makes its claim required: jsonwebtoken
+        // only checks `iss`/`aud` when the token carries them.
+        let mut required = vec!["exp", "sub"];
         match &config.issuer {
-            Some(iss) => base.set_issuer(iss),
+            Some(iss) => {
+                base.set_issuer(iss);
+                required.push("iss");
+            }
             None => base.iss = None,
         }
         match &config.audience {
-            Some(aud) => base.set_audience(aud),
+            Some(aud) => {
+                base.set_audience(aud);
+                required.push("aud");
+            }
             None => base.validate_aud = false,
         }
+        base.set_required_spec_claims(&required);
         let keys = match &config.keys {
             UpstreamKeySource::Hs256(secret) => {
                 Keys::Hs256(DecodingKey::from_secret(secret.expose().as_bytes()))

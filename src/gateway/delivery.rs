@@ -18,30 +18,33 @@ use socketioxide::{SendError, SocketError, extract::SocketRef, socket::Sid};
 use super::SocketRegistry;
 use crate::{
     bus::Deliver,
+    config::Config,
     metrics::Metrics,
     notification::{Notification, now_us},
 };
 
 /// How often [`evict`] retries the DISCONNECT of a slow client.
 const EVICT_RETRY: Duration = Duration::from_millis(100);
-/// After this long engine.io's heartbeat has closed a client that never
-/// drains (ping interval 25 s + ping timeout 20 s); [`evict`] stops trying.
-const EVICT_GIVE_UP: Duration = Duration::from_secs(50);
 
 /// Writes notifications from the bus to this node's sockets.
 pub struct Delivery {
     registry: Arc<SocketRegistry>,
     metrics: Metrics,
+    /// After this long engine.io's heartbeat has closed a client that never
+    /// drains (ping interval + ping timeout, and a margin), so [`evict`] stops.
+    evict_give_up: Duration,
     /// Slow clients being disconnected, so each is counted and evicted once
     /// however many notifications still find it meanwhile.
     evicting: Arc<DashSet<Sid>>,
 }
 
 impl Delivery {
-    pub fn new(registry: Arc<SocketRegistry>, metrics: Metrics) -> Self {
+    pub fn new(registry: Arc<SocketRegistry>, metrics: Metrics, config: &Config) -> Self {
+        let evict_give_up = config.ping_interval + config.ping_timeout + Duration::from_secs(5);
         Self {
             registry,
             metrics,
+            evict_give_up,
             evicting: Arc::default(),
         }
     }
@@ -65,7 +68,7 @@ impl Deliver for Delivery {
                     if self.evicting.insert(socket.id) {
                         handles.slow_client_disconnects.inc();
                         tracing::info!(sid = %socket.id, "slow client: send queue full, disconnecting");
-                        tokio::spawn(evict(socket, self.evicting.clone()));
+                        tokio::spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
                     }
                 }
                 // Closed: the socket is on its way out and its disconnect
@@ -80,8 +83,8 @@ impl Deliver for Delivery {
 }
 
 /// Disconnects a slow client, retrying while its queue is still full.
-async fn evict(socket: SocketRef, evicting: Arc<DashSet<Sid>>) {
-    let deadline = tokio::time::Instant::now() + EVICT_GIVE_UP;
+async fn evict(socket: SocketRef, give_up: Duration, evicting: Arc<DashSet<Sid>>) {
+    let deadline = tokio::time::Instant::now() + give_up;
     while socket.connected() && tokio::time::Instant::now() < deadline {
         match socket.clone().disconnect() {
             Err(SocketError::InternalChannelFull) => tokio::time::sleep(EVICT_RETRY).await,

@@ -49,6 +49,8 @@ pub fn service<S: Clone>(
         .ws_max_message_size(config.ws_max_message_bytes)
         .ws_max_frame_size(config.ws_max_message_bytes)
         .connect_timeout(CONNECT_TIMEOUT)
+        .ping_interval(config.ping_interval)
+        .ping_timeout(config.ping_timeout)
         .with_state(gateway)
         .build_with_inner_svc(inner);
     io.ns("/", connect::on_connect.with(connect::authenticate));

@@ -92,6 +92,10 @@ async fn accept(
     if let Some(key) = header_key {
         check_key(state, key)?;
     }
+    // serde also reads a struct from a JSON array; only an object is a body.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    }
     let body: NotifyBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(match e.classify() {
             serde_json::error::Category::Data => format!("body must be a JSON object: {e}"),

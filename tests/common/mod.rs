@@ -1,0 +1,254 @@
+//! Shared helpers of the integration tests: start a real node on an
+//! ephemeral port, mint tokens, call the HTTP API, and speak socket.io over
+//! a real websocket (the protocol is small: engine.io v4 + socket.io v5).
+#![allow(dead_code)] // Each test binary uses its own subset of these helpers.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use channels::{Node, config::Config};
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+pub const UPSTREAM_SECRET: &str = "test-upstream-secret-0123456789abcdef";
+pub const WS_SECRET: &str = "test-ws-token-secret-0123456789abcdef";
+pub const API_KEY: &str = "test-api-key";
+pub const OTHER_API_KEY: &str = "test-api-key-2";
+
+/// A node running in this process.
+pub struct TestNode {
+    pub node: Node,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+/// The test configuration: HS256 upstream tokens, two API keys, a fast
+/// heartbeat; `overrides` replace or add variables.
+pub fn config(overrides: &[(&str, &str)]) -> Config {
+    let mut vars: HashMap<String, String> = [
+        ("CHANNELS_AUTH_HS256_SECRET", UPSTREAM_SECRET),
+        ("CHANNELS_WS_TOKEN_SECRET", WS_SECRET),
+        ("CHANNELS_API_KEYS", "test-api-key,test-api-key-2"),
+        ("CHANNELS_LISTEN", "127.0.0.1:0"),
+        ("CHANNELS_PING_INTERVAL", "2"),
+        ("CHANNELS_PING_TIMEOUT", "2"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in overrides {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    Config::from_vars(&vars, false).expect("valid test config")
+}
+
+pub async fn start(overrides: &[(&str, &str)]) -> TestNode {
+    start_with(config(overrides)).await
+}
+
+pub async fn start_with(config: Config) -> TestNode {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = channels::start(config, listener)
+        .await
+        .expect("node starts");
+    let addr = node.local_addr();
+    TestNode {
+        node,
+        addr,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl TestNode {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `POST /notify` with a JSON body; returns status and JSON answer.
+    pub async fn notify(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/notify"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Connects a socket for `user` in `channel` with a valid ws token.
+    pub async fn socket(&self, user: &str, channel: &str) -> SioClient {
+        let auth = json!({"token": ws_token(user), "keycloakID": user, "channel": channel});
+        SioClient::connect(self.addr, auth)
+            .await
+            .expect("socket accepted")
+    }
+
+    /// A metric's value from `/metrics` (the first series whose line starts with `series`).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// An HS256 upstream token with `claims` (signed with the test secret).
+pub fn upstream_token(claims: Value) -> String {
+    sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(UPSTREAM_SECRET.as_bytes()),
+        None,
+        claims,
+    )
+}
+
+/// Standard claims for `user`, valid for an hour.
+pub fn claims(user: &str) -> Value {
+    let now = jsonwebtoken::get_current_timestamp();
+    json!({"sub": user, "iat": now, "exp": now + 3600})
+}
+
+pub fn sign(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(String::from);
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+/// A ws token for `user`, as `/authorize` would mint it.
+pub fn ws_token(user: &str) -> String {
+    let tokens = channels::auth::WsTokens::new(
+        &channels::config::Secret::new(WS_SECRET),
+        Duration::from_secs(300),
+    );
+    tokens.mint(&channels::notification::KeycloakId::parse(user).unwrap())
+}
+
+/// A minimal socket.io client over websocket: enough to connect with an
+/// `auth` payload, answer pings, and read `notification` events.
+pub struct SioClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl SioClient {
+    /// Connects to the default namespace. `Err` carries the `connect_error` message.
+    pub async fn connect(addr: SocketAddr, auth: Value) -> Result<SioClient, String> {
+        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let open = next_text(&mut ws).await.ok_or("no engine.io OPEN")?;
+        assert!(open.starts_with('0'), "engine.io OPEN expected, got {open}");
+        ws.send(Message::text(format!("40{auth}")))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = SioClient { ws };
+        loop {
+            let packet = client
+                .next_packet(Duration::from_secs(5))
+                .await
+                .ok_or("no CONNECT answer")?;
+            if packet.starts_with("40") {
+                return Ok(client);
+            }
+            if let Some(error) = packet.strip_prefix("44") {
+                let error: Value = serde_json::from_str(error).map_err(|e| e.to_string())?;
+                return Err(error["message"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+
+    /// The next `notification` event's payload, or `None` after `wait`.
+    pub async fn notification(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let packet = self.next_packet(left).await?;
+            if let Some(event) = packet.strip_prefix("42") {
+                let mut event: Vec<Value> = serde_json::from_str(event).unwrap();
+                assert_eq!(event[0], "notification", "unexpected event {event:?}");
+                return Some(event.remove(1));
+            }
+        }
+    }
+
+    /// Whether the server closed this socket (DISCONNECT packet or closed
+    /// connection) within `wait`, skipping any notifications meanwhile.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+                Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "41" => return true,
+                Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                    let _ = self.ws.send(Message::text("3")).await;
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Closes the websocket without a socket.io DISCONNECT.
+    pub async fn drop_connection(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+
+    /// The next engine.io MESSAGE (`4` + a socket.io packet), answering
+    /// engine.io pings on the way.
+    async fn next_packet(&mut self, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let text = tokio::time::timeout(left, next_text(&mut self.ws))
+                .await
+                .ok()??;
+            match text.as_str() {
+                "2" => self.ws.send(Message::text("3")).await.ok()?,
+                t if t.starts_with('4') => return Some(t.to_string()),
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn next_text(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Option<String> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => return Some(t.to_string()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Polls `check` until it holds, for at most `wait`.
+pub async fn eventually(wait: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

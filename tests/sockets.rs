@@ -1,0 +1,303 @@
+//! Socket.IO connections: who is accepted, who is reached, and that nothing
+//! is left behind (SPEC.md, "Socket.IO connection" and "Delivery guarantees").
+
+mod common;
+
+use std::time::Duration;
+
+use channels::registry::RegistryStats;
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(300);
+const EMPTY: RegistryStats = RegistryStats {
+    channels: 0,
+    users: 0,
+    sockets: 0,
+};
+
+async fn send(node: &TestNode, target: Value, msg: Value) {
+    let mut body = target;
+    body["API_KEY"] = API_KEY.into();
+    body["msg"] = msg;
+    let (status, answer) = node.notify(body).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn refused_connections_get_unauthorized_or_bad_request_and_leave_nothing() {
+    let node = start(&[]).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let expired = sign(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(WS_SECRET.as_bytes()),
+        None,
+        json!({"sub": "alice", "aud": "channels-ws", "iss": "channels", "exp": now - 60}),
+    );
+    let cases = [
+        (
+            json!({"token": "garbage", "keycloakID": "alice", "channel": "admin"}),
+            "unauthorized",
+        ),
+        (
+            json!({"keycloakID": "alice", "channel": "admin"}),
+            "unauthorized",
+        ),
+        (
+            json!({"token": 12, "keycloakID": "alice", "channel": "admin"}),
+            "unauthorized",
+        ),
+        (
+            json!({"token": ws_token("bob"), "keycloakID": "alice", "channel": "admin"}),
+            "unauthorized",
+        ),
+        (
+            json!({"token": expired, "keycloakID": "alice", "channel": "admin"}),
+            "unauthorized",
+        ),
+        (
+            json!({"token": upstream_token(claims("alice")), "keycloakID": "alice", "channel": "admin"}),
+            "unauthorized",
+        ),
+        (
+            json!({"token": ws_token("alice"), "channel": "admin"}),
+            "bad_request",
+        ),
+        (
+            json!({"token": ws_token("alice"), "keycloakID": "alice"}),
+            "bad_request",
+        ),
+        (
+            json!({"token": ws_token("alice"), "keycloakID": "alice", "channel": ""}),
+            "bad_request",
+        ),
+        (
+            json!({"token": ws_token("alice"), "keycloakID": "alice", "channel": "a/b"}),
+            "bad_request",
+        ),
+        (
+            json!({"token": ws_token("alice"), "keycloakID": "alice", "channel": "a".repeat(65)}),
+            "bad_request",
+        ),
+        (
+            json!({"token": ws_token("alice"), "keycloakID": 5, "channel": "admin"}),
+            "bad_request",
+        ),
+        (
+            json!({"token": ws_token("alice"), "keycloakID": "a".repeat(257), "channel": "admin"}),
+            "bad_request",
+        ),
+        (json!("just a string"), "bad_request"),
+        (json!([1, 2]), "bad_request"),
+    ];
+    for (auth, expected) in &cases {
+        let result = SioClient::connect(node.addr, auth.clone()).await;
+        assert_eq!(result.err().as_deref(), Some(*expected), "auth {auth}");
+    }
+    assert_eq!(node.node.registry_stats(), EMPTY);
+    assert_eq!(
+        node.metric(r#"channels_connects_total{outcome="unauthorized"}"#)
+            .await,
+        6.0
+    );
+    assert_eq!(
+        node.metric(r#"channels_connects_total{outcome="bad_request"}"#)
+            .await,
+        9.0
+    );
+    assert_eq!(
+        node.metric(r#"channels_connects_total{outcome="accepted"}"#)
+            .await,
+        0.0
+    );
+    assert_eq!(node.metric("channels_sockets").await, 0.0);
+}
+
+#[tokio::test]
+async fn each_variant_reaches_exactly_the_sockets_it_targets() {
+    let node = start(&[]).await;
+    let mut alice_admin = node.socket("alice", "admin").await;
+    let mut alice_b2b = node.socket("alice", "b2b").await;
+    let mut bob_admin = node.socket("bob", "admin").await;
+
+    send(&node, json!({"channel": "admin"}), json!("to admin")).await;
+    assert_eq!(
+        alice_admin.notification(WAIT).await,
+        Some(json!("to admin"))
+    );
+    assert_eq!(bob_admin.notification(WAIT).await, Some(json!("to admin")));
+    assert_eq!(alice_b2b.notification(QUIET).await, None);
+
+    send(&node, json!({"keycloak": "alice"}), json!("to alice")).await;
+    assert_eq!(
+        alice_admin.notification(WAIT).await,
+        Some(json!("to alice"))
+    );
+    assert_eq!(alice_b2b.notification(WAIT).await, Some(json!("to alice")));
+    assert_eq!(bob_admin.notification(QUIET).await, None);
+
+    send(
+        &node,
+        json!({"keycloak": "alice", "channel": "b2b"}),
+        json!("to alice in b2b"),
+    )
+    .await;
+    assert_eq!(
+        alice_b2b.notification(WAIT).await,
+        Some(json!("to alice in b2b"))
+    );
+    assert_eq!(alice_admin.notification(QUIET).await, None);
+    assert_eq!(bob_admin.notification(QUIET).await, None);
+
+    assert_eq!(node.metric("channels_deliveries_total").await, 5.0);
+}
+
+#[tokio::test]
+async fn a_socket_is_reachable_as_soon_as_its_client_sees_connect() {
+    let node = start(&[]).await;
+    for i in 0..50 {
+        let user = format!("user{i}");
+        let mut socket = node.socket(&user, "admin").await;
+        send(&node, json!({"keycloak": user}), json!(i)).await;
+        assert_eq!(
+            socket.notification(WAIT).await,
+            Some(json!(i)),
+            "socket {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn notifications_to_one_socket_arrive_in_the_order_they_were_answered() {
+    let node = start(&[]).await;
+    let mut socket = node.socket("alice", "admin").await;
+    for i in 0..500 {
+        let target = if i % 2 == 0 {
+            json!({"keycloak": "alice"})
+        } else {
+            json!({"channel": "admin"})
+        };
+        send(&node, target, json!(i)).await;
+    }
+    for i in 0..500 {
+        assert_eq!(socket.notification(WAIT).await, Some(json!(i)));
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_sockets_dropped_leave_every_index_and_gauge_at_zero() {
+    let node = start(&[]).await;
+    let mut sockets = Vec::new();
+    for i in 0..1000 {
+        sockets.push(
+            node.socket(&format!("u{}", i % 250), &format!("c{}", i % 10))
+                .await,
+        );
+    }
+    assert_eq!(
+        node.node.registry_stats(),
+        RegistryStats {
+            channels: 10,
+            users: 250,
+            sockets: 1000
+        }
+    );
+    assert_eq!(node.metric("channels_sockets").await, 1000.0);
+    assert_eq!(
+        node.metric(r#"channels_sockets_by_channel{channel="c3"}"#)
+            .await,
+        100.0
+    );
+    // Half close their websocket properly, half just vanish.
+    for (i, socket) in sockets.into_iter().enumerate() {
+        if i % 2 == 0 {
+            socket.drop_connection().await;
+        } else {
+            drop(socket);
+        }
+    }
+    let cleared = eventually(Duration::from_secs(10), async || {
+        node.node.registry_stats() == EMPTY
+    })
+    .await;
+    assert!(cleared, "left behind: {:?}", node.node.registry_stats());
+    assert_eq!(node.metric("channels_sockets").await, 0.0);
+    let text = node
+        .http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("channels_sockets_by_channel{"),
+        "channel series left: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_stuck_client_is_disconnected_and_counted_while_others_get_everything() {
+    let node = start(&[
+        ("CHANNELS_SOCKET_QUEUE", "8"),
+        ("CHANNELS_MAX_BODY_BYTES", "1048576"),
+    ])
+    .await;
+    let stuck = node.socket("stuck", "admin").await; // never read from again
+    let mut healthy = node.socket("healthy", "admin").await;
+    let payload = "x".repeat(200_000);
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while let Some(msg) = healthy.notification(WAIT).await {
+            assert_eq!(msg["n"], got);
+            got += 1;
+            if got == 100 {
+                break;
+            }
+        }
+        got
+    });
+    for n in 0..100 {
+        send(
+            &node,
+            json!({"channel": "admin"}),
+            json!({"n": n, "pad": payload}),
+        )
+        .await;
+    }
+    assert_eq!(
+        reader.await.unwrap(),
+        100,
+        "the healthy client got everything, in order"
+    );
+    assert_eq!(
+        node.metric("channels_slow_client_disconnects_total").await,
+        1.0
+    );
+    // The stuck socket leaves the registry (DISCONNECT or heartbeat close).
+    let gone = eventually(Duration::from_secs(15), async || {
+        node.node.registry_stats().sockets == 1
+    })
+    .await;
+    assert!(gone, "{:?}", node.node.registry_stats());
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_and_finishes_in_time() {
+    let node = start(&[("CHANNELS_SHUTDOWN_TIMEOUT", "5")]).await;
+    let mut a = node.socket("alice", "admin").await;
+    let mut b = node.socket("bob", "admin").await;
+    let started = std::time::Instant::now();
+    let TestNode { node, .. } = node;
+    let finished = tokio::spawn(node.shutdown());
+    assert!(a.closed_within(WAIT).await);
+    assert!(b.closed_within(WAIT).await);
+    assert!(
+        finished.await.unwrap(),
+        "shutdown finished within its bound"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
