@@ -1,0 +1,134 @@
+// Helpers of the end-to-end suite: start the real `channels` binary, mint
+// upstream tokens, and open sockets with the official socket.io client.
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { createInterface } from "node:readline";
+import { io } from "socket.io-client";
+
+export const UPSTREAM_SECRET = "e2e-upstream-secret-0123456789abcdef";
+export const WS_SECRET = "e2e-ws-token-secret-0123456789abcdef";
+export const API_KEY = "e2e-api-key";
+
+/** Starts a node on an ephemeral loopback port; resolves once it serves. */
+export async function startNode(extraEnv = {}) {
+  const bin = process.env.CHANNELS_BIN;
+  if (!bin) throw new Error("CHANNELS_BIN must point to the channels binary");
+  const child = spawn(bin, ["serve"], {
+    env: {
+      PATH: process.env.PATH,
+      CHANNELS_LISTEN: "127.0.0.1:0",
+      CHANNELS_AUTH_HS256_SECRET: UPSTREAM_SECRET,
+      CHANNELS_WS_TOKEN_SECRET: WS_SECRET,
+      CHANNELS_API_KEYS: API_KEY,
+      CHANNELS_LOG_FORMAT: "json",
+      CHANNELS_LOG: "info",
+      ...extraEnv,
+    },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const lines = createInterface({ input: child.stderr });
+  const addr = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("node did not start in 10 s")), 10_000);
+    child.on("exit", (code) => reject(new Error(`node exited with ${code}`)));
+    lines.on("line", (line) => {
+      try {
+        const entry = JSON.parse(line);
+        if (entry.fields?.message === "channels node serving") {
+          clearTimeout(timer);
+          resolve(entry.fields.addr);
+        }
+      } catch {
+        // not a JSON log line
+      }
+    });
+  });
+  const url = `http://${addr}`;
+  return {
+    url,
+    child,
+    async stop() {
+      if (child.exitCode !== null) return;
+      const exited = new Promise((resolve) => child.on("exit", resolve));
+      child.kill("SIGTERM");
+      await exited;
+    },
+  };
+}
+
+const b64url = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+
+/** An HS256 upstream access token for `sub`, signed with the e2e secret. */
+export function upstreamToken(sub, extraClaims = {}) {
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${b64url({ alg: "HS256", typ: "JWT" })}.${b64url({ sub, iat: now, exp: now + 600, ...extraClaims })}`;
+  const signature = createHmac("sha256", UPSTREAM_SECRET).update(body).digest("base64url");
+  return `${body}.${signature}`;
+}
+
+/** The frontend's flow: trade the access token for a ws token at /authorize. */
+export async function wsToken(node, user) {
+  const response = await fetch(`${node.url}/authorize`, {
+    headers: { authorization: `Bearer ${upstreamToken(user)}` },
+  });
+  if (response.status !== 200) throw new Error(`authorize answered ${response.status}`);
+  return (await response.json()).token;
+}
+
+/** Opens a socket; resolves once connected, rejects with the connect_error. */
+export function connect(node, auth, transports = ["polling", "websocket"]) {
+  const socket = io(node.url, { auth, transports, reconnection: false, forceNew: true });
+  const received = [];
+  const waiters = [];
+  socket.on("notification", (msg) => {
+    received.push(msg);
+    if (waiters.length) waiters.shift()();
+  });
+  /** Resolves with the next notification, or null after `ms`. */
+  socket.nextNotification = (ms = 5000) =>
+    new Promise((resolve) => {
+      if (received.length) return resolve(received.shift());
+      const waiter = () => {
+        clearTimeout(timer);
+        resolve(received.shift());
+      };
+      const timer = setTimeout(() => {
+        waiters.splice(waiters.indexOf(waiter), 1);
+        resolve(null);
+      }, ms);
+      waiters.push(waiter);
+    });
+  return new Promise((resolve, reject) => {
+    socket.on("connect", () => resolve(socket));
+    socket.on("connect_error", (err) => {
+      socket.close();
+      reject(err);
+    });
+  });
+}
+
+/** A connected socket for `user` in `channel`, with a token from /authorize. */
+export async function userSocket(node, user, channel, transports) {
+  return connect(node, { token: await wsToken(node, user), keycloakID: user, channel }, transports);
+}
+
+/** POST /notify with a JSON body (API key included unless given). */
+export async function notify(node, body, headers = {}) {
+  const response = await fetch(`${node.url}/notify`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: typeof body === "string" ? body : JSON.stringify({ API_KEY, ...body }),
+  });
+  return { status: response.status, body: await response.json() };
+}
+
+/** Waits until the engine has upgraded to websocket (or fails after 5 s). */
+export function upgraded(socket) {
+  return new Promise((resolve, reject) => {
+    if (socket.io.engine.transport.name === "websocket") return resolve();
+    const timer = setTimeout(() => reject(new Error("no upgrade within 5 s")), 5000);
+    socket.io.engine.once("upgrade", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
