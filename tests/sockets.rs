@@ -301,3 +301,27 @@ async fn shutdown_closes_every_socket_and_finishes_in_time() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_client_message_over_the_limit_closes_its_connection() {
+    use futures_util::SinkExt;
+    let node = start(&[("CHANNELS_WS_MAX_MESSAGE_BYTES", "4096")]).await;
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", node.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let huge = format!("42[\"x\",\"{}\"]", "y".repeat(100_000));
+    let _ = ws
+        .send(tokio_tungstenite::tungstenite::Message::text(huge))
+        .await;
+    let closed = tokio::time::timeout(WAIT, async {
+        use futures_util::StreamExt;
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return true,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true));
+}

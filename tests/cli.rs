@@ -1,0 +1,117 @@
+//! The `channels` binary as an operator meets it: start-up errors that name
+//! the variable, dev mode with no setup, `gen-token`, and SIGTERM.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_channels");
+
+fn channels(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+#[test]
+fn a_missing_secret_is_a_startup_error_naming_the_variable() {
+    let out = channels(
+        &["serve"],
+        &[("CHANNELS_AUTH_HS256_SECRET", "x".repeat(40).as_str())],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CHANNELS_WS_TOKEN_SECRET"), "{stderr}");
+    let out = channels(&["serve"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CHANNELS_AUTH_JWKS_URL"));
+}
+
+/// Starts `channels serve` with `env` and returns the child and its address.
+fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    let mut env = env.to_vec();
+    env.extend([
+        ("CHANNELS_LISTEN", "127.0.0.1:0"),
+        ("CHANNELS_LOG_FORMAT", "json"),
+    ]);
+    let mut child = channels(args, &env).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
+            && entry["fields"]["message"] == "channels node serving"
+        {
+            let addr = entry["fields"]["addr"].as_str().unwrap().to_string();
+            // Keep reading its log, so the node never writes to a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr);
+        }
+    }
+    panic!("the node did not start");
+}
+
+#[tokio::test]
+async fn dev_mode_runs_with_no_setup_and_gen_token_feeds_authorize() {
+    let (mut child, addr) = spawn_node(&["serve", "--dev"], &[]);
+    let out = channels(&["gen-token", "--dev", "--user", "alice"], &[])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("http://{addr}/authorize"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("http://{addr}/notify"))
+        .json(&serde_json::json!({"API_KEY": "dev-api-key", "msg": 1, "channel": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_exits_cleanly_within_the_bound() {
+    let secrets = [
+        ("CHANNELS_AUTH_HS256_SECRET", "u".repeat(40)),
+        ("CHANNELS_WS_TOKEN_SECRET", "w".repeat(40)),
+        ("CHANNELS_API_KEYS", "k".into()),
+        ("CHANNELS_SHUTDOWN_TIMEOUT", "5".into()),
+    ];
+    let env: Vec<(&str, &str)> = secrets.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut child, addr) = spawn_node(&["serve"], &env);
+    let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let started = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "no exit within the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+}
