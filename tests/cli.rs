@@ -56,6 +56,8 @@ fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, Stri
             return (child, addr);
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the node did not start");
 }
 
