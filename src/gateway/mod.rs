@@ -32,6 +32,9 @@ pub struct Gateway {
 /// before its registration is dropped (see `connect::forget_if_never_connected`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// See the builder call in [`service`].
+const WS_READ_BUFFER_BYTES: usize = 1024;
+
 /// Builds the socket.io service for the default namespace `/`. Requests
 /// outside `/socket.io/` go to `inner`.
 ///
@@ -48,6 +51,10 @@ pub fn service<S: Clone>(
         .max_payload(config.ws_max_message_bytes as u64)
         .ws_max_message_size(config.ws_max_message_bytes)
         .ws_max_frame_size(config.ws_max_message_bytes)
+        // The chunk size of websocket reads, kept for each connection's life
+        // (4 KiB by default). Clients only send pongs and tiny packets; a
+        // larger message still arrives, in several reads.
+        .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
         .connect_timeout(CONNECT_TIMEOUT)
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
