@@ -223,15 +223,7 @@ async fn a_thousand_sockets_dropped_leave_every_index_and_gauge_at_zero() {
     .await;
     assert!(cleared, "left behind: {:?}", node.node.registry_stats());
     assert_eq!(node.metric("channels_sockets").await, 0.0);
-    let text = node
-        .http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = node.metrics_text().await;
     assert!(
         !text.contains("channels_sockets_by_channel{"),
         "channel series left: {text}"

@@ -87,18 +87,17 @@ impl TestNode {
             .expect("socket accepted")
     }
 
+    /// The `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// A metric's value from `/metrics` (the first series whose line starts with `series`).
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
+        self.metrics_text()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
+            .lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
