@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::auth::UpstreamKeySource;
+use crate::{auth::UpstreamKeySource, bus::RedisSettings};
 
 /// The fixed secrets of dev mode. They are public (they are in this file and in
 /// the README), which is the point: `channels gen-token` and the README's tour
@@ -74,6 +74,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// `CHANNELS_PING_TIMEOUT`: how long a client has to answer a ping.
     pub ping_timeout: Duration,
+    /// `CHANNELS_REDIS_*`: the cluster bus; `None` runs a standalone node.
+    pub redis: Option<RedisSettings>,
 }
 
 /// How `GET /authorize` verifies the upstream access token.
@@ -207,6 +209,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(env.parse("CHANNELS_SHUTDOWN_TIMEOUT", "10")?),
             ping_interval: env.seconds("CHANNELS_PING_INTERVAL", "25")?,
             ping_timeout: env.seconds("CHANNELS_PING_TIMEOUT", "20")?,
+            redis: env.redis()?,
         })
     }
 }
@@ -274,6 +277,49 @@ impl Env<'_> {
             });
         }
         Ok(Secret::new(value))
+    }
+
+    fn redis(&self) -> Result<Option<RedisSettings>, ConfigError> {
+        let Some(urls) = self.list("CHANNELS_REDIS_URL") else {
+            return Ok(None);
+        };
+        if let Some(bad) = urls
+            .iter()
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+        {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_REDIS_URL",
+                reason: format!(
+                    "{:?} is not a redis:// or rediss:// URL",
+                    bad.split('@').next_back().unwrap_or_default()
+                ),
+            });
+        }
+        let cluster = match self.get("CHANNELS_REDIS_CLUSTER") {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "CHANNELS_REDIS_CLUSTER",
+                    reason: format!("{other:?}: expected true or false"),
+                });
+            }
+        };
+        if urls.len() > 1 && !cluster {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_REDIS_URL",
+                reason: "several URLs are only for a cluster (CHANNELS_REDIS_CLUSTER=true)".into(),
+            });
+        }
+        let prefix = self
+            .get("CHANNELS_REDIS_PREFIX")
+            .unwrap_or("channels")
+            .to_string();
+        Ok(Some(RedisSettings {
+            urls,
+            cluster,
+            prefix,
+        }))
     }
 
     /// Exactly one upstream key source must be configured (dev mode: HS256).

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{ApiKeys, UpstreamVerifier, WsTokens},
-    bus::Bus,
+    bus::{Bus, RedisBus},
     config::Config,
     gateway::{Delivery, Gateway, SocketRegistry},
     metrics::Metrics,
@@ -50,6 +50,8 @@ pub struct Node {
 pub enum StartError {
     #[error("{0}")]
     Auth(String),
+    #[error("{0}")]
+    Bus(String),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -63,19 +65,23 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         .await
         .map_err(StartError::Auth)?;
 
-    let bus = Bus::local(Arc::new(Delivery::new(
-        registry.clone(),
-        metrics.clone(),
-        &config,
-    )));
-    metrics.handles().bus_up.set(1);
+    let delivery = Arc::new(Delivery::new(registry.clone(), metrics.clone(), &config));
+    let bus = match &config.redis {
+        Some(settings) => Bus::Redis(
+            RedisBus::start(settings, delivery, metrics.clone()).map_err(StartError::Bus)?,
+        ),
+        None => {
+            metrics.handles().bus_up.set(1);
+            Bus::local(delivery)
+        }
+    };
 
     let shutting_down = CancellationToken::new();
     let state = http::AppState {
         upstream,
         ws_tokens: ws_tokens.clone(),
         api_keys: ApiKeys::new(&config.api_keys),
-        bus,
+        bus: bus.clone(),
         metrics: metrics.clone(),
         max_body_bytes: config.max_body_bytes,
         shutting_down: shutting_down.clone(),
@@ -83,6 +89,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
     let gateway = Gateway {
         registry: registry.clone(),
         ws_tokens,
+        bus,
         metrics: metrics.clone(),
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));

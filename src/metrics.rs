@@ -55,6 +55,10 @@ pub struct Handles {
     pub bus_up: IntGauge,
     /// Times the bus connection was re-established.
     pub bus_reconnects: IntCounter,
+    /// Publishes that failed (each answered 503).
+    pub bus_publish_errors: IntCounter,
+    /// Bus topics this node is subscribed to.
+    pub bus_subscriptions: IntGauge,
     /// Sockets disconnected because their send queue overflowed.
     pub slow_client_disconnects: IntCounter,
 }
@@ -127,6 +131,16 @@ impl Metrics {
                 "Times the bus connection was re-established",
             )
             .expect("valid"),
+            bus_publish_errors: IntCounter::new(
+                "bus_publish_errors_total",
+                "Publishes to the bus that failed (answered 503)",
+            )
+            .expect("valid"),
+            bus_subscriptions: IntGauge::new(
+                "bus_subscriptions",
+                "Bus topics this node is subscribed to",
+            )
+            .expect("valid"),
             slow_client_disconnects: IntCounter::new(
                 "slow_client_disconnects_total",
                 "Sockets disconnected because their send queue overflowed",
@@ -143,6 +157,8 @@ impl Metrics {
             Box::new(handles.bus_received.clone()),
             Box::new(handles.bus_up.clone()),
             Box::new(handles.bus_reconnects.clone()),
+            Box::new(handles.bus_publish_errors.clone()),
+            Box::new(handles.bus_subscriptions.clone()),
             Box::new(handles.slow_client_disconnects.clone()),
         ] {
             registry.register(c).expect("metric names are unique");

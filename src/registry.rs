@@ -95,7 +95,8 @@ impl<S: Clone> Registry<S> {
 
     /// Removes a socket from every index; empty entries are dropped so
     /// nothing is left behind. Removing an unknown socket does nothing.
-    pub fn remove(&self, sid: Sid, user: &KeycloakId, channel: &Channel) {
+    /// Returns whether the socket was registered.
+    pub fn remove(&self, sid: Sid, user: &KeycloakId, channel: &Channel) -> bool {
         let removed = match self.by_channel.entry(channel.clone()) {
             Entry::Occupied(mut entry) => {
                 let removed = entry.get_mut().sockets.remove(&sid).is_some();
@@ -120,6 +121,7 @@ impl<S: Clone> Registry<S> {
             self.sockets.fetch_sub(1, Ordering::Relaxed);
             self.metrics.handles().sockets.dec();
         }
+        removed
     }
 
     /// Appends the sockets a target reaches to `out`.
@@ -241,8 +243,8 @@ mod tests {
             }
         );
         for (sid, u, c, _) in &sockets {
-            r.remove(*sid, u, c);
-            r.remove(*sid, u, c); // twice: idempotent
+            assert!(r.remove(*sid, u, c));
+            assert!(!r.remove(*sid, u, c), "a second removal finds nothing");
         }
         assert_eq!(
             r.stats(),

@@ -86,13 +86,24 @@ pub(super) async fn authenticate(
     connects.with_label_values(&["accepted"]).inc();
     tracing::debug!(sid = %socket.id, %channel, transport = ?socket.transport_type(), "socket accepted");
 
+    // Reachable locally first, then subscribed on the bus; only then does
+    // socketioxide send the CONNECT acknowledgement.
     gateway
         .registry
         .insert(socket.id, &user, &channel, socket.clone());
-    let registry = gateway.registry.clone();
-    let (u, c) = (user.clone(), channel.clone());
-    socket.on_disconnect(move |s: SocketRef| async move { registry.remove(s.id, &u, &c) });
-    tokio::spawn(forget_if_never_connected(gateway, socket, user, channel));
+    let member = Member {
+        gateway,
+        user,
+        channel,
+    };
+    let on_leave = member.clone();
+    socket.on_disconnect(move |s: SocketRef| async move { on_leave.unregister(&s) });
+    member
+        .gateway
+        .bus
+        .subscribe_socket(&member.user, &member.channel)
+        .await;
+    tokio::spawn(forget_if_never_connected(member, socket));
     Ok(())
 }
 
@@ -100,20 +111,39 @@ pub(super) async fn authenticate(
 /// Everything was done by the middleware.
 pub(super) async fn on_connect(_socket: SocketRef) {}
 
-/// socketioxide only calls the disconnect handler of a socket that completed
-/// its connection. If the engine.io connection died between our middleware
-/// and the CONNECT acknowledgement, the socket never connects and its
-/// disconnect handler never runs, so this drops its registration instead.
-async fn forget_if_never_connected(
+/// An accepted socket's registration, to undo when it leaves.
+#[derive(Clone)]
+struct Member {
     gateway: Gateway,
-    socket: SocketRef,
     user: KeycloakId,
     channel: Channel,
-) {
+}
+
+impl Member {
+    /// Removes the socket from the registry and, the first time only,
+    /// releases its bus topics: both ways out below may run for one socket.
+    fn unregister(&self, socket: &SocketRef) {
+        if self
+            .gateway
+            .registry
+            .remove(socket.id, &self.user, &self.channel)
+        {
+            self.gateway
+                .bus
+                .unsubscribe_socket(&self.user, &self.channel);
+        }
+    }
+}
+
+/// socketioxide only calls the disconnect handler of a socket that completed
+/// its connection. If the engine.io connection died during our middleware or
+/// just after it, the socket never connects and its disconnect handler never
+/// runs, so this drops its registration instead.
+async fn forget_if_never_connected(member: Member, socket: SocketRef) {
     // The acknowledgement follows the middleware without any await point, so
     // a short grace period is plenty; CONNECT_TIMEOUT bounds it generously.
     tokio::time::sleep(Duration::from_millis(500).min(CONNECT_TIMEOUT)).await;
     if !socket.connected() {
-        gateway.registry.remove(socket.id, &user, &channel);
+        member.unregister(&socket);
     }
 }

@@ -11,7 +11,7 @@ use socketioxide::{
     SocketIo, extract::SocketRef, handler::ConnectHandler, service::SocketIoService,
 };
 
-use crate::{auth::WsTokens, config::Config, metrics::Metrics, registry::Registry};
+use crate::{auth::WsTokens, bus::Bus, config::Config, metrics::Metrics, registry::Registry};
 
 pub use connect::ConnectRefusal;
 pub use delivery::Delivery;
@@ -24,6 +24,8 @@ pub type SocketRegistry = Registry<SocketRef>;
 pub struct Gateway {
     pub registry: Arc<SocketRegistry>,
     pub ws_tokens: WsTokens,
+    /// Told of every socket that comes and goes, to subscribe to what it needs.
+    pub bus: Bus,
     pub metrics: Metrics,
 }
 

@@ -3,6 +3,8 @@
 //! a real websocket (the protocol is small: engine.io v4 + socket.io v5).
 #![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 
+pub mod redis;
+
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use channels::{Node, config::Config};
