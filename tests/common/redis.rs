@@ -10,17 +10,18 @@ use std::{
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Extra arguments (cluster mode), kept for restarts.
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = RedisServer { port, child: None };
+        Self::start_with(free_port(), Vec::new())
+    }
+
+    fn start_with(port: u16, args: Vec<String>) -> Self {
+        let mut server = RedisServer { port, child: None, args };
         server.restart();
         server
     }
@@ -35,6 +36,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed");
@@ -72,6 +74,93 @@ impl RedisServer {
             .nth(1)
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(-1)
+    }
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free too.
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), built with
+/// `redis-cli --cluster create` from private redis-server processes.
+pub struct RedisCluster {
+    pub masters: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let dir = std::env::temp_dir().join(format!("channels-redis-cluster-{}", ports[0]));
+        std::fs::create_dir_all(&dir).unwrap();
+        let masters: Vec<RedisServer> = ports
+            .iter()
+            .map(|port| {
+                let conf = dir.join(format!("nodes-{port}.conf"));
+                let args = vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    conf.display().to_string(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                ];
+                RedisServer::start_with(*port, args)
+            })
+            .collect();
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli is installed");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { masters, dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every master reports `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for master in &self.masters {
+            while !master.cli(&["CLUSTER", "INFO"]).unwrap_or_default().contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster did not reach state ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// `CHANNELS_REDIS_URL` for this cluster: every master as a seed.
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = self.masters.iter().map(RedisServer::url).collect();
+        urls.join(",")
+    }
+
+    /// Subscribers of a sharded channel, summed over the masters.
+    pub fn shard_numsub(&self, topic: &str) -> i64 {
+        self.masters
+            .iter()
+            .filter_map(|m| m.cli(&["PUBSUB", "SHARDNUMSUB", topic]))
+            .filter_map(|out| out.lines().nth(1).and_then(|n| n.trim().parse::<i64>().ok()))
+            .sum()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for master in &mut self.masters {
+            master.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
