@@ -14,13 +14,23 @@ const QUIET: Duration = Duration::from_millis(300);
 
 async fn cluster_node(cluster: &RedisCluster) -> TestNode {
     let urls = cluster.urls();
-    let node = start(&[("CHANNELS_REDIS_URL", &urls), ("CHANNELS_REDIS_CLUSTER", "true")]).await;
+    let node = start(&[
+        ("CHANNELS_REDIS_URL", &urls),
+        ("CHANNELS_REDIS_CLUSTER", "true"),
+    ])
+    .await;
     assert!(eventually(Duration::from_secs(10), async || ready(&node).await).await);
     node
 }
 
 async fn ready(node: &TestNode) -> bool {
-    node.http.get(node.url("/readyz")).send().await.unwrap().status() == 200
+    node.http
+        .get(node.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == 200
 }
 
 async fn send(node: &TestNode, target: Value, msg: Value) -> u16 {
@@ -45,14 +55,25 @@ async fn sharded_pubsub_delivers_every_variant_across_nodes_in_order() {
     assert_eq!(send(&a, json!({"channel": "admin"}), json!("c")).await, 200);
     assert_eq!(alice_admin.notification(WAIT).await, Some(json!("c")));
     assert_eq!(bob_admin.notification(WAIT).await, Some(json!("c")));
-    assert_eq!(send(&b, json!({"keycloak": "alice", "channel": "admin"}), json!("uc")).await, 200);
+    assert_eq!(
+        send(
+            &b,
+            json!({"keycloak": "alice", "channel": "admin"}),
+            json!("uc")
+        )
+        .await,
+        200
+    );
     assert_eq!(alice_admin.notification(WAIT).await, Some(json!("uc")));
     assert_eq!(alice_b2b.notification(QUIET).await, None);
 
     // Order per target, publishes alternating between the nodes.
     for i in 0..200 {
         let node = if i % 2 == 0 { &a } else { &b };
-        assert_eq!(send(node, json!({"keycloak": "alice"}), json!(i)).await, 200);
+        assert_eq!(
+            send(node, json!({"keycloak": "alice"}), json!(i)).await,
+            200
+        );
     }
     for i in 0..200 {
         assert_eq!(alice_admin.notification(WAIT).await, Some(json!(i)));
@@ -88,5 +109,8 @@ async fn losing_a_master_answers_503_and_the_node_heals_when_it_returns() {
     while let Some(msg) = socket.notification(QUIET).await {
         got.push(msg);
     }
-    assert!(!got.is_empty() && got.iter().all(|m| m == "after"), "{got:?}");
+    assert!(
+        !got.is_empty() && got.iter().all(|m| m == "after"),
+        "{got:?}"
+    );
 }

@@ -21,7 +21,11 @@ impl RedisServer {
     }
 
     fn start_with(port: u16, args: Vec<String>) -> Self {
-        let mut server = RedisServer { port, child: None, args };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            args,
+        };
         server.restart();
         server
     }
@@ -80,7 +84,11 @@ impl RedisServer {
 /// A free loopback port whose cluster bus port (+10000) is free too.
 fn free_port() -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
@@ -132,7 +140,11 @@ impl RedisCluster {
     pub fn wait_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for master in &self.masters {
-            while !master.cli(&["CLUSTER", "INFO"]).unwrap_or_default().contains("cluster_state:ok") {
+            while !master
+                .cli(&["CLUSTER", "INFO"])
+                .unwrap_or_default()
+                .contains("cluster_state:ok")
+            {
                 assert!(Instant::now() < deadline, "cluster did not reach state ok");
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -150,7 +162,11 @@ impl RedisCluster {
         self.masters
             .iter()
             .filter_map(|m| m.cli(&["PUBSUB", "SHARDNUMSUB", topic]))
-            .filter_map(|out| out.lines().nth(1).and_then(|n| n.trim().parse::<i64>().ok()))
+            .filter_map(|out| {
+                out.lines()
+                    .nth(1)
+                    .and_then(|n| n.trim().parse::<i64>().ok())
+            })
             .sum()
     }
 }

@@ -132,3 +132,78 @@ export function upgraded(socket) {
     });
   });
 }
+
+/** A free TCP port on loopback. */
+export async function freePort() {
+  const { createServer } = await import("node:net");
+  return new Promise((resolve) => {
+    const server = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Spawns a process, resolves once `ready()` holds; `stop()` kills it. */
+async function spawnReady(cmd, args, env, ready, what) {
+  const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: "ignore" });
+  const deadline = Date.now() + 10_000;
+  while (!(await ready())) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    if (Date.now() > deadline) throw new Error(`${what} did not start in 10 s`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return {
+    child,
+    async stop() {
+      if (child.exitCode !== null) return;
+      const exited = new Promise((resolve) => child.on("exit", resolve));
+      child.kill("SIGKILL");
+      await exited;
+    },
+  };
+}
+
+/** A private redis-server on a free port. */
+export async function startRedis() {
+  const port = await freePort();
+  const { execFileSync } = await import("node:child_process");
+  const pong = () => {
+    try {
+      return execFileSync("redis-cli", ["-p", String(port), "PING"]).toString().trim() === "PONG";
+    } catch {
+      return false;
+    }
+  };
+  const server = await spawnReady(
+    "redis-server",
+    ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    {},
+    async () => pong(),
+    "redis-server",
+  );
+  return { ...server, url: `redis://127.0.0.1:${port}` };
+}
+
+/** HAProxy with deploy/haproxy/haproxy.cfg in front of `nodes`. */
+export async function startHaproxy(nodes) {
+  const port = await freePort();
+  const config = new URL("../../deploy/haproxy/haproxy.cfg", import.meta.url).pathname;
+  const env = { CHANNELS_LB_BIND: `127.0.0.1:${port}` };
+  nodes.forEach((node, i) => (env[`CHANNELS_NODE${i + 1}`] = node.url.replace("http://", "")));
+  const url = `http://127.0.0.1:${port}`;
+  const lb = await spawnReady(
+    "haproxy",
+    ["-f", config, "-db"],
+    env,
+    async () => {
+      try {
+        return (await fetch(`${url}/readyz`)).status === 200;
+      } catch {
+        return false;
+      }
+    },
+    "haproxy",
+  );
+  return { ...lb, url };
+}
