@@ -87,7 +87,8 @@ struct Shared {
     publisher: RwLock<Option<Connection>>,
     /// True once connected and every needed topic is subscribed again.
     ready: AtomicBool,
-    /// Counts connections, so a loss reported for an old one is ignored.
+    /// Generation of the current connections, so a loss reported for an
+    /// older one is ignored.
     generation: AtomicU64,
     /// Lost connections, by generation, for the [`Subscriber`].
     lost: mpsc::UnboundedSender<u64>,
@@ -139,6 +140,7 @@ impl RedisBus {
             connection: None,
             backoff: BACKOFF_MIN,
             next_attempt: Instant::now(),
+            attempts: 0,
             ever_connected: false,
         };
         tokio::spawn(subscriber.run(requests_rx, lost_rx));
@@ -254,6 +256,8 @@ struct Subscriber {
     connection: Option<Connection>,
     backoff: Duration,
     next_attempt: Instant,
+    /// Connection attempts so far; numbers the generations.
+    attempts: u64,
     ever_connected: bool,
 }
 
@@ -405,7 +409,10 @@ impl Subscriber {
     /// Connects both connections and resubscribes every needed topic; only
     /// then is the bus ready.
     async fn reconnect(&mut self) {
-        let generation = self.shared.generation.load(Ordering::Acquire) + 1;
+        // Every attempt gets its own number, so a late loss report from the
+        // connection of a failed attempt cannot pass for the current one.
+        self.attempts += 1;
+        let generation = self.attempts;
         self.topics.retain(|_, t| t.sockets > 0);
         let needed: Vec<String> = self.topics.keys().cloned().collect();
         let attempt = async {
