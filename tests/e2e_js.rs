@@ -1,13 +1,21 @@
 //! Runs the end-to-end suite in `tests/e2e/` (the official socket.io client
 //! from npm against the real `channels` binary) as part of `cargo test`.
 //!
-//! Installs the suite's locked npm dependencies first when they are missing
-//! or older than `package-lock.json`.
+//! Installs what the suite needs first: its locked npm dependencies when
+//! they are missing or older than `package-lock.json`, and the Debian
+//! packages of the cluster test (redis-server, haproxy) when missing.
+
+mod common;
 
 use std::{path::Path, process::Command};
 
+use common::tools::require;
+
 #[test]
 fn official_socket_io_client_suite() {
+    require("redis-server", "redis-server");
+    require("redis-cli", "redis-tools");
+    require("haproxy", "haproxy");
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
     let installed = suite.join("node_modules/.package-lock.json");
     let lock = suite.join("package-lock.json");

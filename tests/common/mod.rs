@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 
 pub mod redis;
+pub mod tools;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 

@@ -21,6 +21,8 @@ impl RedisServer {
     }
 
     fn start_with(port: u16, args: Vec<String>) -> Self {
+        super::tools::require("redis-server", "redis-server");
+        super::tools::require("redis-cli", "redis-tools");
         let mut server = RedisServer {
             port,
             child: None,
