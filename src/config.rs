@@ -214,6 +214,99 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The effective settings by variable, secrets masked: what
+    /// `channels check-config` prints.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let secs = |d: Duration| format!("{}", d.as_secs());
+        let list = |l: &[String]| {
+            if l.is_empty() {
+                "(none)".into()
+            } else {
+                l.join(",")
+            }
+        };
+        let (source_var, source) = match &self.upstream.keys {
+            UpstreamKeySource::JwksUrl(url) => ("CHANNELS_AUTH_JWKS_URL", url.clone()),
+            UpstreamKeySource::JwksFile(path) => {
+                ("CHANNELS_AUTH_JWKS_FILE", path.display().to_string())
+            }
+            UpstreamKeySource::Hs256(secret) => ("CHANNELS_AUTH_HS256_SECRET", mask(secret)),
+        };
+        let mut out = vec![
+            ("CHANNELS_DEV", self.dev_mode.to_string()),
+            ("CHANNELS_LISTEN", self.listen.to_string()),
+            (source_var, source),
+            (
+                "CHANNELS_AUTH_ISSUER",
+                self.upstream
+                    .issuer
+                    .as_deref()
+                    .map_or("(not checked)".into(), list),
+            ),
+            (
+                "CHANNELS_AUTH_AUDIENCE",
+                self.upstream
+                    .audience
+                    .as_deref()
+                    .map_or("(not checked)".into(), list),
+            ),
+            ("CHANNELS_AUTH_LEEWAY", secs(self.upstream.leeway)),
+            ("CHANNELS_WS_TOKEN_SECRET", mask(&self.ws_token_secret)),
+            ("CHANNELS_WS_TOKEN_TTL", secs(self.ws_token_ttl)),
+            (
+                "CHANNELS_API_KEYS",
+                format!(
+                    "{} key(s), {}",
+                    self.api_keys.len(),
+                    self.api_keys.iter().map(mask).collect::<Vec<_>>().join(",")
+                ),
+            ),
+            ("CHANNELS_CORS_ORIGINS", list(&self.cors_origins)),
+            ("CHANNELS_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
+            ("CHANNELS_SOCKET_QUEUE", self.socket_queue.to_string()),
+            (
+                "CHANNELS_WS_MAX_MESSAGE_BYTES",
+                self.ws_max_message_bytes.to_string(),
+            ),
+            ("CHANNELS_PING_INTERVAL", secs(self.ping_interval)),
+            ("CHANNELS_PING_TIMEOUT", secs(self.ping_timeout)),
+            (
+                "CHANNELS_METRICS_MAX_CHANNELS",
+                self.metrics_max_channels.to_string(),
+            ),
+            ("CHANNELS_SHUTDOWN_TIMEOUT", secs(self.shutdown_timeout)),
+        ];
+        match &self.redis {
+            None => out.push(("CHANNELS_REDIS_URL", "(none: standalone node)".into())),
+            Some(redis) => {
+                let urls: Vec<String> = redis.urls.iter().map(|u| mask_url(u)).collect();
+                out.push(("CHANNELS_REDIS_URL", urls.join(",")));
+                out.push(("CHANNELS_REDIS_CLUSTER", redis.cluster.to_string()));
+                out.push(("CHANNELS_REDIS_PREFIX", redis.prefix.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// A secret shown as its length only.
+fn mask(secret: &Secret) -> String {
+    format!("*** ({} bytes)", secret.expose().len())
+}
+
+/// A URL with its password, if any, replaced by `***`.
+pub fn mask_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// The variables being read, and whether dev defaults apply.
 struct Env<'a> {
     vars: &'a HashMap<String, String>,
@@ -435,6 +528,28 @@ mod tests {
         let config = Config::dev();
         assert!(config.listen.ip().is_loopback());
         assert_eq!(config.api_keys, vec![Secret::new(dev::API_KEY)]);
+    }
+
+    #[test]
+    fn check_config_output_masks_every_secret() {
+        let v = vars(&[
+            ("CHANNELS_AUTH_HS256_SECRET", UP),
+            ("CHANNELS_WS_TOKEN_SECRET", WS),
+            ("CHANNELS_API_KEYS", "key-one,key-two"),
+            (
+                "CHANNELS_REDIS_URL",
+                "redis://user:hunter2-password@redis:6379/0",
+            ),
+        ]);
+        let described = format!("{:?}", Config::from_vars(&v, false).unwrap().describe());
+        for secret in [UP, WS, "key-one", "key-two", "hunter2-password"] {
+            assert!(!described.contains(secret), "{secret} leaked: {described}");
+        }
+        assert!(
+            described.contains("redis://user:***@redis:6379/0"),
+            "{described}"
+        );
+        assert!(described.contains("2 key(s)"));
     }
 
     #[test]

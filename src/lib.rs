@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod http;

@@ -117,3 +117,90 @@ async fn sigterm_exits_cleanly_within_the_bound() {
     };
     assert!(status.success(), "{status}");
 }
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = channels(args, env).output().unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        text(out.stdout),
+        text(out.stderr),
+    )
+}
+
+const PROD: [(&str, &str); 3] = [
+    (
+        "CHANNELS_AUTH_HS256_SECRET",
+        "upstream-secret-for-cli-tests-000000",
+    ),
+    (
+        "CHANNELS_WS_TOKEN_SECRET",
+        "ws-token-secret-for-cli-tests-0000000",
+    ),
+    ("CHANNELS_API_KEYS", "cli-key-one,cli-key-two"),
+];
+
+#[test]
+fn check_config_prints_the_effective_settings_with_secrets_masked() {
+    let (code, out, _) = run(&["check-config"], &PROD);
+    assert_eq!(code, 0);
+    assert!(out.contains("configuration is valid"));
+    assert!(out.contains("CHANNELS_WS_TOKEN_TTL") && out.contains("300"));
+    assert!(out.contains("2 key(s)"));
+    for (_, secret) in PROD {
+        for part in secret.split(',') {
+            assert!(!out.contains(part), "{part} printed: {out}");
+        }
+    }
+    let mut bad = PROD.to_vec();
+    bad.push(("CHANNELS_SOCKET_QUEUE", "many"));
+    let (code, _, err) = run(&["check-config"], &bad);
+    assert_eq!(code, 2);
+    assert!(err.contains("CHANNELS_SOCKET_QUEUE"), "{err}");
+}
+
+#[test]
+fn check_token_accepts_a_good_token_and_says_why_a_bad_one_is_refused() {
+    let (_, token, _) = run(&["gen-token", "--user", "alice"], &PROD);
+    let (code, out, _) = run(&["check-token", token.trim()], &PROD);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("valid access token for keycloakID \"alice\""),
+        "{out}"
+    );
+
+    let (_, expired, _) = run(&["gen-token", "--user", "alice", "--ttl", "0"], &PROD);
+    let mut strict = PROD.to_vec();
+    strict.push(("CHANNELS_AUTH_LEEWAY", "0"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, _, err) = run(&["check-token", expired.trim()], &strict);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused: token has expired"), "{err}");
+
+    // A ws token is refused as an access token, accepted with --ws.
+    let (_, ws, _) = run(&["gen-token", "--ws", "--user", "alice"], &PROD);
+    let (code, _, err) = run(&["check-token", ws.trim()], &PROD);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused"), "{err}");
+    let (code, out, _) = run(&["check-token", "--ws", ws.trim()], &PROD);
+    assert_eq!(code, 0, "{out}");
+
+    let (code, _, err) = run(&["check-token", "not-a-token"], &PROD);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not a JWT") && err.contains("malformed"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn probe_tells_whether_a_node_is_alive() {
+    let (mut child, addr) = spawn_node(&["serve", "--dev"], &[]);
+    let url = format!("http://{addr}");
+    let (code, out, _) = run(&["probe", "--url", &url], &[]);
+    assert_eq!(code, 0, "{out}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (code, _, _) = run(&["probe", "--url", &url], &[]);
+    assert_eq!(code, 1);
+}

@@ -60,8 +60,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Topics per SUBSCRIBE command when resubscribing everything.
 const SUBSCRIBE_CHUNK: usize = 512;
 
-/// How to reach Redis.
-#[derive(Clone, Debug)]
+/// How to reach Redis. Its `Debug` masks passwords in the URLs.
+#[derive(Clone)]
 pub struct RedisSettings {
     /// `CHANNELS_REDIS_URL`: one `redis://` / `rediss://` URL, or, for a
     /// cluster, several comma-separated seed nodes.
@@ -70,6 +70,21 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// `CHANNELS_REDIS_PREFIX`: prefix of every topic name.
     pub prefix: String,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| crate::config::mask_url(u))
+            .collect();
+        f.debug_struct("RedisSettings")
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 /// The publishing half of the Redis bus. Cheap to clone.

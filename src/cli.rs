@@ -1,0 +1,306 @@
+//! The `channels` command line: run a node, and the operator's tools to mint
+//! and debug tokens and to check a configuration before deploying it.
+//!
+//! Every command reads the same environment as `serve`, so what
+//! `check-config` and `check-token` say is what a node with that
+//! environment would do.
+
+use std::{io::Read, process::ExitCode, time::Duration};
+
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::Value;
+
+use crate::{
+    auth::{UpstreamVerifier, WsTokens},
+    config::{Config, Secret, dev},
+    notification::KeycloakId,
+};
+
+#[derive(Parser)]
+#[command(version, about = "Real-time notification gateway (socket.io + HTTP)")]
+struct Cli {
+    /// Dev mode: fixed, public secrets and no setup (never in production).
+    #[arg(long, global = true, env = "CHANNELS_DEV")]
+    dev: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (the default).
+    Serve,
+    /// Print a signed token for a user: an upstream access token, as the
+    /// identity provider would issue it (HS256 setups and dev mode), or with
+    /// `--ws` a ws token for a socket connection.
+    GenToken {
+        /// The keycloak id (`sub`) of the token.
+        #[arg(long)]
+        user: String,
+        /// Mint a ws token instead of an upstream access token.
+        #[arg(long)]
+        ws: bool,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Verify a token against the current configuration and say exactly why
+    /// it would be refused. The token is read from the argument or stdin.
+    CheckToken {
+        /// Check a ws token (socket connection) instead of an access token.
+        #[arg(long)]
+        ws: bool,
+        /// The token; `-` or nothing reads it from stdin.
+        token: Option<String>,
+    },
+    /// Validate the environment and print the effective configuration, with
+    /// secrets masked. Exits 2 on the first invalid setting.
+    CheckConfig,
+    /// Exit 0 if the node at `--url` answers `/healthz` (container health checks).
+    Probe {
+        /// Base URL of the node.
+        #[arg(long, default_value = "http://127.0.0.1:3000")]
+        url: String,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let dev_mode = cli.dev;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(dev_mode),
+        Command::GenToken { user, ws, ttl } => report(gen_token(&user, ws, ttl, dev_mode)),
+        Command::CheckToken { ws, token } => report(check_token(ws, token, dev_mode)),
+        Command::CheckConfig => report(check_config(dev_mode)),
+        Command::Probe { url } => report(probe(&url)),
+    }
+}
+
+/// A command's failure: the message, and the exit code (1: the thing checked
+/// is bad; 2: the command could not run, e.g. configuration errors).
+struct Failure(String, u8);
+
+fn report(result: Result<String, Failure>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(Failure(message, code)) => {
+            eprintln!("channels: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn config(dev_mode: bool) -> Result<Config, Failure> {
+    Config::from_env(dev_mode).map_err(|e| Failure(format!("configuration error: {e}"), 2))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("a tokio runtime starts")
+}
+
+fn serve(dev_mode: bool) -> ExitCode {
+    init_logging();
+    let config = match config(dev_mode) {
+        Ok(config) => config,
+        Err(failure) => return report(Err(failure)),
+    };
+    if config.dev_mode {
+        tracing::warn!(
+            "DEV MODE: fixed public secrets, API key {:?}; never use in production",
+            dev::API_KEY
+        );
+    }
+    runtime().block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                let message = format!("cannot listen on {} (CHANNELS_LISTEN): {e}", config.listen);
+                return report(Err(Failure(message, 2)));
+            }
+        };
+        let node = match crate::start(config, listener).await {
+            Ok(node) => node,
+            Err(e) => return report(Err(Failure(e.to_string(), 2))),
+        };
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+        if node.shutdown().await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// `CHANNELS_LOG` (an `EnvFilter`, default `info`) and `CHANNELS_LOG_FORMAT`
+/// (`pretty` or `json`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHANNELS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CHANNELS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+fn gen_token(user: &str, ws: bool, ttl: u64, dev_mode: bool) -> Result<String, Failure> {
+    let user = KeycloakId::parse(user).map_err(|e| Failure(format!("--user {e}"), 2))?;
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if ws {
+        let secret = var("CHANNELS_WS_TOKEN_SECRET")
+            .or_else(|| dev_mode.then(|| dev::WS_TOKEN_SECRET.to_string()))
+            .ok_or_else(|| Failure("CHANNELS_WS_TOKEN_SECRET is required (or --dev)".into(), 2))?;
+        let tokens = WsTokens::new(&Secret::new(secret), Duration::from_secs(ttl));
+        return Ok(tokens.mint(&user));
+    }
+    let secret = var("CHANNELS_AUTH_HS256_SECRET")
+        .or_else(|| dev_mode.then(|| dev::UPSTREAM_SECRET.to_string()))
+        .ok_or_else(|| {
+            Failure(
+                "CHANNELS_AUTH_HS256_SECRET is required (or --dev); \
+                 with a JWKS, tokens come from the identity provider"
+                    .into(),
+                2,
+            )
+        })?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut claims = serde_json::json!({"sub": user.as_str(), "iat": now, "exp": now + ttl});
+    if let Some(iss) = var("CHANNELS_AUTH_ISSUER") {
+        claims["iss"] = iss.split(',').next().unwrap_or_default().trim().into();
+    }
+    if let Some(aud) = var("CHANNELS_AUTH_AUDIENCE") {
+        claims["aud"] = aud.split(',').next().unwrap_or_default().trim().into();
+    }
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding cannot fail"))
+}
+
+/// Describes the token (header and the claims that matter, never the
+/// signature) and gives the verdict of this configuration's verifier.
+fn check_token(ws: bool, token: Option<String>, dev_mode: bool) -> Result<String, Failure> {
+    let token = match token.filter(|t| t != "-") {
+        Some(token) => token,
+        None => {
+            let mut buf = String::new();
+            std::io::stdin()
+                .read_to_string(&mut buf)
+                .map_err(|e| Failure(format!("cannot read the token from stdin: {e}"), 2))?;
+            buf
+        }
+    };
+    let token = token.trim();
+    let config = config(dev_mode)?;
+    let mut out = describe_token(token);
+    let verdict = if ws {
+        WsTokens::new(&config.ws_token_secret, config.ws_token_ttl).verify(token)
+    } else {
+        runtime().block_on(async {
+            let verifier = UpstreamVerifier::new(&config.upstream)
+                .await
+                .map_err(|e| Failure(e, 2))?;
+            Ok::<_, Failure>(verifier.verify(token).await)
+        })?
+    };
+    let kind = if ws { "ws token" } else { "access token" };
+    match verdict {
+        Ok(subject) => {
+            out.push_str(&format!("verdict: valid {kind} for keycloakID {subject:?}"));
+            Ok(out)
+        }
+        Err(e) => Err(Failure(format!("{out}verdict: {kind} refused: {e}"), 1)),
+    }
+}
+
+/// The header and main claims of a JWT, decoded without verification.
+fn describe_token(token: &str) -> String {
+    let mut parts = token.split('.');
+    let mut decode = || -> Option<Value> {
+        let part = parts.next()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part.trim_end_matches('='))
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let (Some(header), Some(claims)) = (decode(), decode()) else {
+        return "token: not a JWT (three base64url parts, header and claims in JSON)\n".into();
+    };
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    let field = |v: &Value, k: &str| v.get(k).map_or("-".to_string(), |x| x.to_string());
+    let time = |k: &str| match claims.get(k).and_then(Value::as_i64) {
+        Some(t) if t >= now => format!("{t} (in {} s)", t - now),
+        Some(t) => format!("{t} ({} s ago)", now - t),
+        None => "-".into(),
+    };
+    format!(
+        "header: alg={} kid={}\nclaims: sub={} iss={} aud={} exp={} nbf={}\n",
+        field(&header, "alg"),
+        field(&header, "kid"),
+        field(&claims, "sub"),
+        field(&claims, "iss"),
+        field(&claims, "aud"),
+        time("exp"),
+        time("nbf"),
+    )
+}
+
+fn check_config(dev_mode: bool) -> Result<String, Failure> {
+    let config = config(dev_mode)?;
+    let width = config
+        .describe()
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0);
+    let lines: Vec<String> = config
+        .describe()
+        .into_iter()
+        .map(|(var, value)| format!("{var:width$}  {value}"))
+        .collect();
+    Ok(format!("configuration is valid\n{}", lines.join("\n")))
+}
+
+fn probe(url: &str) -> Result<String, Failure> {
+    runtime().block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| Failure(e.to_string(), 2))?;
+        let response = client
+            .get(format!("{}/healthz", url.trim_end_matches('/')))
+            .send()
+            .await
+            .map_err(|e| Failure(format!("{url} unreachable: {e}"), 1))?;
+        if response.status().is_success() {
+            Ok(format!("{url} is alive"))
+        } else {
+            Err(Failure(
+                format!("{url}/healthz answered {}", response.status()),
+                1,
+            ))
+        }
+    })
+}
