@@ -142,7 +142,11 @@ fn serve(dev_mode: bool) -> ExitCode {
 /// (`pretty` or `json`).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHANNELS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // tungstenite logs every received websocket message at trace level,
+        // and a client's CONNECT message carries its token: never below debug,
+        // whatever CHANNELS_LOG says.
+        .add_directive("tungstenite=debug".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

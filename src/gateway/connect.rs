@@ -76,15 +76,24 @@ pub(super) async fn authenticate(
     State(gateway): State<Gateway>,
 ) -> Result<(), ConnectRefusal> {
     let connects = &gateway.metrics.handles().connects;
+    // The id of the HTTP request that opened this connection (see `http::app`).
+    let request_id = socket
+        .req_parts()
+        .headers
+        .get(crate::http::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     let Credentials { user, channel } = match check(&gateway, auth) {
         Ok(credentials) => credentials,
         Err(refusal) => {
             connects.with_label_values(&[refusal.label()]).inc();
+            tracing::info!(sid = %socket.id, request_id, reason = refusal.label(), "socket refused");
             return Err(refusal);
         }
     };
     connects.with_label_values(&["accepted"]).inc();
-    tracing::debug!(sid = %socket.id, %channel, transport = ?socket.transport_type(), "socket accepted");
+    tracing::info!(sid = %socket.id, request_id, %channel, transport = ?socket.transport_type(), "socket accepted");
 
     // Reachable locally first, then subscribed on the bus; only then does
     // socketioxide send the CONNECT acknowledgement.

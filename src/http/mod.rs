@@ -17,7 +17,11 @@ use axum::{
     routing::{get, post},
 };
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::{
+    cors::{AllowOrigin, Any, CorsLayer},
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 use crate::{
     auth::{ApiKeys, UpstreamVerifier, WsTokens},
@@ -69,11 +73,30 @@ where
     let app = Router::new()
         .route("/socket.io/{file}", get(client_bundle::serve))
         .fallback_service(socket_io)
-        .layer(tower_http::trace::TraceLayer::new_for_http());
+        // Innermost first: the span needs the id, which the outer layer sets.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
     match cors(config) {
         Some(cors) => app.layer(cors),
         None => app,
     }
+}
+
+/// The header carrying each request's id: kept from the caller (a load
+/// balancer or backend may set it), made up otherwise, echoed in the answer.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The span of one HTTP request: method, path (never the query or headers,
+/// which may carry credentials) and request id. Socket.IO connects are HTTP
+/// requests too, so their logs carry the id of the request that opened them.
+fn request_span(request: &axum::extract::Request) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
 }
 
 /// CORS for browsers, from `CHANNELS_CORS_ORIGINS`; `None` when unset.

@@ -51,6 +51,9 @@ pub async fn notify(
         .notifications
         .with_label_values(&[variant, outcome])
         .inc();
+    if let Err(e) = &result {
+        tracing::info!(error = %e, "notify refused");
+    }
     let (id, variant) = result?;
     Ok(Json(json!({"id": id, "variant": variant})))
 }
