@@ -168,6 +168,12 @@ impl Metrics {
         for outcome in ["accepted", "unauthorized", "bad_request"] {
             handles.connects.with_label_values(&[outcome]);
         }
+        for variant in ["channel", "user", "user_channel"] {
+            handles.notifications.with_label_values(&[variant, "accepted"]);
+        }
+        for outcome in ["rejected", "unavailable"] {
+            handles.notifications.with_label_values(&["none", outcome]);
+        }
         Self {
             inner: Arc::new(Inner {
                 registry,
