@@ -169,7 +169,9 @@ impl Metrics {
             handles.connects.with_label_values(&[outcome]);
         }
         for variant in ["channel", "user", "user_channel"] {
-            handles.notifications.with_label_values(&[variant, "accepted"]);
+            handles
+                .notifications
+                .with_label_values(&[variant, "accepted"]);
         }
         for outcome in ["rejected", "unavailable"] {
             handles.notifications.with_label_values(&["none", outcome]);

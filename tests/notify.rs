@@ -138,6 +138,12 @@ async fn every_refusal_has_its_status_and_code_and_delivers_nothing() {
         ),
         (
             json,
+            body(json!({"API_KEY": API_KEY, "msg": 1, "keycloak": "alice", "channel": null})),
+            400,
+            "bad_request",
+        ),
+        (
+            json,
             body(json!({"API_KEY": API_KEY, "msg": 1, "keycloak": ["alice"]})),
             400,
             "bad_request",

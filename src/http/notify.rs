@@ -5,8 +5,6 @@
 //! message and target (400). Only a fully valid call reaches the bus, so a
 //! rejected call delivers nothing.
 
-use std::borrow::Cow;
-
 use axum::{
     Json,
     body::Body,
@@ -28,10 +26,16 @@ struct NotifyBody {
     api_key: Option<Value>,
     #[serde(default)]
     msg: Option<Box<RawValue>>,
-    #[serde(default)]
-    keycloak: Option<Value>,
-    #[serde(default)]
-    channel: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    keycloak: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    channel: Option<Box<RawValue>>,
+}
+
+/// A field that is present, even as `null` (which `Option` alone would
+/// read as absent): a `null` target is refused, not ignored.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 pub async fn notify(
@@ -175,19 +179,14 @@ fn unauthorized(message: &str) -> ApiError {
     }
 }
 
-/// A target field must be a string that its type accepts; `null` counts as absent.
+/// A present target field must be a string its type accepts (`null` too is
+/// refused: it is not a non-empty string).
 fn parse_target_field<T, E: std::fmt::Display>(
     name: &str,
-    value: Value,
+    raw: Box<RawValue>,
     parse: impl Fn(&str) -> Result<T, E>,
 ) -> Result<T, ApiError> {
-    let raw: Cow<'_, str> = match &value {
-        Value::String(s) => Cow::Borrowed(s),
-        _ => {
-            return Err(ApiError::BadRequest(format!(
-                "{name} must be a non-empty string"
-            )));
-        }
-    };
-    parse(&raw).map_err(|e| ApiError::BadRequest(format!("{name} {e}")))
+    let value: String = serde_json::from_str(raw.get())
+        .map_err(|_| ApiError::BadRequest(format!("{name} must be a non-empty string")))?;
+    parse(&value).map_err(|e| ApiError::BadRequest(format!("{name} {e}")))
 }
