@@ -126,11 +126,11 @@ async fn accept(
         .ok_or_else(|| ApiError::BadRequest("msg is required and must not be null".into()))?;
     let keycloak = body
         .keycloak
-        .map(|v| parse_target_field("keycloak", v, KeycloakId::parse))
+        .map(|v| parse_target_field("keycloak", &v, KeycloakId::parse))
         .transpose()?;
     let channel = body
         .channel
-        .map(|v| parse_target_field("channel", v, Channel::parse))
+        .map(|v| parse_target_field("channel", &v, Channel::parse))
         .transpose()?;
     let target = match (keycloak, channel) {
         (None, Some(channel)) => Target::Channel { channel },
@@ -183,7 +183,7 @@ fn unauthorized(message: &str) -> ApiError {
 /// refused: it is not a non-empty string).
 fn parse_target_field<T, E: std::fmt::Display>(
     name: &str,
-    raw: Box<RawValue>,
+    raw: &RawValue,
     parse: impl Fn(&str) -> Result<T, E>,
 ) -> Result<T, ApiError> {
     let value: String = serde_json::from_str(raw.get())
