@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{redis::RedisServer, *};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(300);
@@ -15,22 +15,10 @@ const QUIET: Duration = Duration::from_millis(300);
 async fn cluster_node(redis: &RedisServer) -> TestNode {
     let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
     assert!(
-        eventually(WAIT, async || ready(&node).await).await,
+        eventually(WAIT, async || node_ready(&node).await).await,
         "node did not become ready"
     );
     node
-}
-
-async fn ready(node: &TestNode) -> bool {
-    let r = node.http.get(node.url("/readyz")).send().await.unwrap();
-    r.status() == 200
-}
-
-async fn send(node: &TestNode, target: Value, msg: Value) -> u16 {
-    let mut body = target;
-    body["API_KEY"] = API_KEY.into();
-    body["msg"] = msg;
-    node.notify(body).await.0
 }
 
 #[tokio::test]
@@ -42,18 +30,24 @@ async fn each_variant_reaches_its_sockets_on_every_node() {
     let mut alice_b2b = b.socket("alice", "b2b").await;
     let mut bob_admin = b.socket("bob", "admin").await;
 
-    assert_eq!(send(&a, json!({"channel": "admin"}), json!(1)).await, 200);
+    assert_eq!(
+        send_to(&a, json!({"channel": "admin"}), json!(1)).await,
+        200
+    );
     assert_eq!(alice_admin.notification(WAIT).await, Some(json!(1)));
     assert_eq!(bob_admin.notification(WAIT).await, Some(json!(1)));
     assert_eq!(alice_b2b.notification(QUIET).await, None);
 
-    assert_eq!(send(&b, json!({"keycloak": "alice"}), json!(2)).await, 200);
+    assert_eq!(
+        send_to(&b, json!({"keycloak": "alice"}), json!(2)).await,
+        200
+    );
     assert_eq!(alice_admin.notification(WAIT).await, Some(json!(2)));
     assert_eq!(alice_b2b.notification(WAIT).await, Some(json!(2)));
     assert_eq!(bob_admin.notification(QUIET).await, None);
 
     assert_eq!(
-        send(&a, json!({"keycloak": "alice", "channel": "b2b"}), json!(3)).await,
+        send_to(&a, json!({"keycloak": "alice", "channel": "b2b"}), json!(3)).await,
         200
     );
     assert_eq!(alice_b2b.notification(WAIT).await, Some(json!(3)));
@@ -73,7 +67,10 @@ async fn a_node_subscribes_only_to_what_its_sockets_need() {
     assert_eq!(b.metric("channels_bus_subscriptions").await, 0.0);
 
     for n in 0..10 {
-        assert_eq!(send(&b, json!({"channel": "admin"}), json!(n)).await, 200);
+        assert_eq!(
+            send_to(&b, json!({"channel": "admin"}), json!(n)).await,
+            200
+        );
         assert_eq!(socket.notification(WAIT).await, Some(json!(n)));
     }
     assert_eq!(a.metric("channels_bus_received_total").await, 10.0);
@@ -109,7 +106,7 @@ async fn a_quick_reconnect_keeps_the_subscription() {
     );
     assert_eq!(redis.numsub("channels:u:alice"), 1);
     assert_eq!(
-        send(&a, json!({"keycloak": "alice"}), json!("still here")).await,
+        send_to(&a, json!({"keycloak": "alice"}), json!("still here")).await,
         200
     );
     assert_eq!(second.notification(WAIT).await, Some(json!("still here")));
@@ -123,7 +120,7 @@ async fn a_socket_is_reachable_from_every_node_as_soon_as_it_sees_connect() {
     for i in 0..50 {
         let user = format!("fresh{i}");
         let mut socket = a.socket(&user, &format!("ch{i}")).await;
-        assert_eq!(send(&b, json!({"keycloak": user}), json!(i)).await, 200);
+        assert_eq!(send_to(&b, json!({"keycloak": user}), json!(i)).await, 200);
         assert_eq!(
             socket.notification(WAIT).await,
             Some(json!(i)),
@@ -142,7 +139,7 @@ async fn notifications_alternating_between_nodes_arrive_in_order() {
     for i in 0..500 {
         let node = if i % 2 == 0 { &a } else { &b };
         assert_eq!(
-            send(node, json!({"keycloak": "alice"}), json!(i)).await,
+            send_to(node, json!({"keycloak": "alice"}), json!(i)).await,
             200
         );
     }
@@ -161,9 +158,12 @@ async fn a_redis_outage_answers_503_keeps_sockets_and_heals_by_itself() {
 
     redis.kill();
     // Both nodes notice (the subscription connection drops at once).
-    let noticed = eventually(WAIT, async || !ready(&a).await && !ready(&b).await).await;
+    let noticed = eventually(WAIT, async || {
+        !node_ready(&a).await && !node_ready(&b).await
+    })
+    .await;
     assert!(noticed, "readyz still 200 with Redis down");
-    let status = send(&b, json!({"channel": "admin"}), json!("lost?")).await;
+    let status = send_to(&b, json!({"channel": "admin"}), json!("lost?")).await;
     assert_eq!(status, 503);
     let body = a
         .notify(json!({"API_KEY": API_KEY, "msg": 1, "channel": "admin"}))
@@ -177,13 +177,13 @@ async fn a_redis_outage_answers_503_keeps_sockets_and_heals_by_itself() {
 
     redis.restart();
     let healed = eventually(Duration::from_secs(15), async || {
-        ready(&a).await && ready(&b).await
+        node_ready(&a).await && node_ready(&b).await
     })
     .await;
     assert!(healed, "nodes did not come back on their own");
     let mut after = a.socket("after", "admin").await;
     assert_eq!(
-        send(&b, json!({"channel": "admin"}), json!("back")).await,
+        send_to(&b, json!({"channel": "admin"}), json!("back")).await,
         200
     );
     for (name, socket) in [
@@ -213,12 +213,12 @@ async fn a_node_started_while_redis_is_down_becomes_ready_when_it_appears() {
     let mut redis = RedisServer::start();
     redis.kill();
     let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
-    assert!(!ready(&node).await);
+    assert!(!node_ready(&node).await);
     let mut socket = node.socket("early", "admin").await;
     redis.restart();
-    assert!(eventually(Duration::from_secs(15), async || ready(&node).await).await);
+    assert!(eventually(Duration::from_secs(15), async || node_ready(&node).await).await);
     assert_eq!(
-        send(&node, json!({"keycloak": "early"}), json!("hi")).await,
+        send_to(&node, json!({"keycloak": "early"}), json!("hi")).await,
         200
     );
     assert_eq!(socket.notification(WAIT).await, Some(json!("hi")));

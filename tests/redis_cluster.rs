@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{redis::RedisCluster, *};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(300);
@@ -19,25 +19,8 @@ async fn cluster_node(cluster: &RedisCluster) -> TestNode {
         ("CHANNELS_REDIS_CLUSTER", "true"),
     ])
     .await;
-    assert!(eventually(Duration::from_secs(10), async || ready(&node).await).await);
+    assert!(eventually(Duration::from_secs(10), async || node_ready(&node).await).await);
     node
-}
-
-async fn ready(node: &TestNode) -> bool {
-    node.http
-        .get(node.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        == 200
-}
-
-async fn send(node: &TestNode, target: Value, msg: Value) -> u16 {
-    let mut body = target;
-    body["API_KEY"] = API_KEY.into();
-    body["msg"] = msg;
-    node.notify(body).await.0
 }
 
 #[tokio::test]
@@ -52,11 +35,14 @@ async fn sharded_pubsub_delivers_every_variant_across_nodes_in_order() {
     assert_eq!(cluster.shard_numsub("channels:u:alice"), 2);
     assert_eq!(cluster.shard_numsub("channels:u:bob"), 1);
 
-    assert_eq!(send(&a, json!({"channel": "admin"}), json!("c")).await, 200);
+    assert_eq!(
+        send_to(&a, json!({"channel": "admin"}), json!("c")).await,
+        200
+    );
     assert_eq!(alice_admin.notification(WAIT).await, Some(json!("c")));
     assert_eq!(bob_admin.notification(WAIT).await, Some(json!("c")));
     assert_eq!(
-        send(
+        send_to(
             &b,
             json!({"keycloak": "alice", "channel": "admin"}),
             json!("uc")
@@ -71,7 +57,7 @@ async fn sharded_pubsub_delivers_every_variant_across_nodes_in_order() {
     for i in 0..200 {
         let node = if i % 2 == 0 { &a } else { &b };
         assert_eq!(
-            send(node, json!({"keycloak": "alice"}), json!(i)).await,
+            send_to(node, json!({"keycloak": "alice"}), json!(i)).await,
             200
         );
     }
@@ -92,7 +78,7 @@ async fn losing_a_master_answers_503_and_the_node_heals_when_it_returns() {
     // Without replicas the cluster stops serving; a publish fails and the
     // node reports not ready until it has reconnected and resubscribed.
     let refused = eventually(Duration::from_secs(15), async || {
-        send(&node, json!({"keycloak": "alice"}), json!("during")).await == 503
+        send_to(&node, json!({"keycloak": "alice"}), json!("during")).await == 503
     })
     .await;
     assert!(refused, "publishes kept succeeding with a master down");
@@ -100,7 +86,8 @@ async fn losing_a_master_answers_503_and_the_node_heals_when_it_returns() {
     cluster.masters[0].restart();
     cluster.wait_ok();
     let healed = eventually(Duration::from_secs(30), async || {
-        ready(&node).await && send(&node, json!({"keycloak": "alice"}), json!("after")).await == 200
+        node_ready(&node).await
+            && send_to(&node, json!({"keycloak": "alice"}), json!("after")).await == 200
     })
     .await;
     assert!(healed, "the node did not come back");

@@ -108,6 +108,21 @@ impl TestNode {
     }
 }
 
+/// Whether `/readyz` answers 200.
+pub async fn node_ready(node: &TestNode) -> bool {
+    let r = node.http.get(node.url("/readyz")).send().await.unwrap();
+    r.status() == 200
+}
+
+/// `POST /notify` of `msg` to `target` (an object with `keycloak` and/or
+/// `channel`) with the test key; returns the status.
+pub async fn send_to(node: &TestNode, target: Value, msg: Value) -> u16 {
+    let mut body = target;
+    body["API_KEY"] = API_KEY.into();
+    body["msg"] = msg;
+    node.notify(body).await.0
+}
+
 /// An HS256 upstream token with `claims` (signed with the test secret).
 pub fn upstream_token(claims: Value) -> String {
     sign(
