@@ -51,12 +51,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .args(&manifests)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 #[test]
@@ -67,6 +62,11 @@ fn alert_rules_pass_promtool() {
         .arg(deploy("prometheus/alerts.yml"))
         .output()
         .unwrap();
+    assert_success(&out);
+}
+
+/// Fails with the command's output unless it succeeded.
+fn assert_success(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}{}",

@@ -113,26 +113,14 @@ async fn a_full_scenario_at_trace_level_logs_no_secret_and_ids_every_request() {
     let posted = http.post(&polling).body(connect).send().await.unwrap();
     assert_eq!(posted.status(), 200);
     // Poll until the CONNECT acknowledgement (a ping may come first).
-    let mut acknowledged = false;
-    for _ in 0..5 {
-        let payload = http
-            .get(&polling)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if payload
-            .split('\u{1e}')
-            .any(|packet| packet.starts_with("40"))
-        {
-            acknowledged = true;
-            break;
-        }
-        http.post(&polling).body("3").send().await.unwrap();
-    }
-    assert!(acknowledged, "no CONNECT acknowledgement over polling");
+    let acknowledged = poll_until(&http, &polling, |p| {
+        p.split('\u{1e}').any(|packet| packet.starts_with("40"))
+    })
+    .await;
+    assert!(
+        acknowledged.is_some(),
+        "no CONNECT acknowledgement over polling"
+    );
 
     let r = http
         .post(url("/notify"))
@@ -149,22 +137,11 @@ async fn a_full_scenario_at_trace_level_logs_no_secret_and_ids_every_request() {
         socket.notification(Duration::from_secs(5)).await,
         Some(json!("hello"))
     );
-    let mut polled = String::new();
-    for _ in 0..5 {
-        polled = http
-            .get(&polling)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if polled.contains("hello") {
-            break;
-        }
-        http.post(&polling).body("3").send().await.unwrap();
-    }
-    assert!(polled.contains("hello"), "{polled}");
+    let polled = poll_until(&http, &polling, |p| p.contains("hello")).await;
+    assert!(
+        polled.is_some(),
+        "the polling socket did not get the notification"
+    );
     let r = http
         .post(url("/notify"))
         .header("x-api-key", OLD_KEY)
@@ -229,4 +206,20 @@ async fn a_full_scenario_at_trace_level_logs_no_secret_and_ids_every_request() {
         );
     }
     assert!(log.contains("caller-id-123"));
+}
+
+/// Long-polls `url` (answering pings) until a payload satisfies `wanted`.
+async fn poll_until(
+    http: &reqwest::Client,
+    url: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Option<String> {
+    for _ in 0..5 {
+        let payload = http.get(url).send().await.ok()?.text().await.ok()?;
+        if wanted(&payload) {
+            return Some(payload);
+        }
+        http.post(url).body("3").send().await.ok()?;
+    }
+    None
 }
