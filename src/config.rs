@@ -8,7 +8,13 @@
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{auth::UpstreamKeySource, bus::RedisSettings};
+use axum::http::HeaderName;
+
+use crate::{
+    auth::UpstreamKeySource,
+    bus::RedisSettings,
+    limits::{Rate, RateLimits},
+};
 
 /// The fixed secrets of dev mode. They are public (they are in this file and in
 /// the README), which is the point: `channels gen-token` and the README's tour
@@ -76,6 +82,23 @@ pub struct Config {
     pub ping_timeout: Duration,
     /// `CHANNELS_REDIS_*`: the cluster bus; `None` runs a standalone node.
     pub redis: Option<RedisSettings>,
+    /// What one client, key or user may ask of the node.
+    pub limits: Limits,
+}
+
+/// The limits of [`crate::limits`], each refusal counted by name.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// `CHANNELS_MAX_CONNECTIONS`: open TCP connections per node.
+    pub max_connections: usize,
+    /// `CHANNELS_MAX_SOCKETS_PER_USER`: sockets one user may hold on a node.
+    pub max_sockets_per_user: usize,
+    /// `CHANNELS_MAX_JSON_DEPTH`: deepest nesting of a notification's `msg`.
+    pub max_json_depth: usize,
+    /// `CHANNELS_CONNECT_RATE`, `CHANNELS_AUTHORIZE_RATE`,
+    /// `CHANNELS_NOTIFY_RATE_PER_KEY`, `CHANNELS_NOTIFY_RATE_PER_ADDRESS` and
+    /// `CHANNELS_CLIENT_ADDRESS_HEADER`.
+    pub rates: RateLimits,
 }
 
 /// How `GET /authorize` verifies the upstream access token.
@@ -210,6 +233,7 @@ impl Config {
             ping_interval: env.seconds("CHANNELS_PING_INTERVAL", "25")?,
             ping_timeout: env.seconds("CHANNELS_PING_TIMEOUT", "20")?,
             redis: env.redis()?,
+            limits: env.limits()?,
         })
     }
 }
@@ -277,6 +301,37 @@ impl Config {
             ),
             ("CHANNELS_SHUTDOWN_TIMEOUT", secs(self.shutdown_timeout)),
         ];
+        let limits = &self.limits;
+        let rate = |r: Option<Rate>| r.map_or("off".into(), |r| r.to_string());
+        out.extend([
+            (
+                "CHANNELS_MAX_CONNECTIONS",
+                limits.max_connections.to_string(),
+            ),
+            (
+                "CHANNELS_MAX_SOCKETS_PER_USER",
+                limits.max_sockets_per_user.to_string(),
+            ),
+            ("CHANNELS_MAX_JSON_DEPTH", limits.max_json_depth.to_string()),
+            ("CHANNELS_CONNECT_RATE", rate(limits.rates.connect)),
+            ("CHANNELS_AUTHORIZE_RATE", rate(limits.rates.authorize)),
+            (
+                "CHANNELS_NOTIFY_RATE_PER_KEY",
+                rate(limits.rates.notify_per_key),
+            ),
+            (
+                "CHANNELS_NOTIFY_RATE_PER_ADDRESS",
+                rate(limits.rates.notify_per_address),
+            ),
+            (
+                "CHANNELS_CLIENT_ADDRESS_HEADER",
+                limits
+                    .rates
+                    .client_address_header
+                    .as_ref()
+                    .map_or("(none: the peer address)".into(), |h| h.to_string()),
+            ),
+        ]);
         match &self.redis {
             None => out.push(("CHANNELS_REDIS_URL", "(none: standalone node)".into())),
             Some(redis) => {
@@ -346,6 +401,49 @@ impl Env<'_> {
             }),
             secs => Ok(Duration::from_secs(secs)),
         }
+    }
+
+    /// A whole number of at least 1.
+    fn positive(&self, var: &'static str, default: &str) -> Result<usize, ConfigError> {
+        match self.parse::<usize>(var, default)? {
+            0 => Err(ConfigError::Invalid {
+                var,
+                reason: "must be at least 1".into(),
+            }),
+            n => Ok(n),
+        }
+    }
+
+    /// A [`Rate`], or `off`.
+    fn rate(&self, var: &'static str, default: &str) -> Result<Option<Rate>, ConfigError> {
+        match self.get(var).unwrap_or(default) {
+            "off" => Ok(None),
+            _ => self.parse(var, default).map(Some),
+        }
+    }
+
+    fn limits(&self) -> Result<Limits, ConfigError> {
+        let client_address_header = self
+            .get("CHANNELS_CLIENT_ADDRESS_HEADER")
+            .map(|h| {
+                HeaderName::try_from(h).map_err(|_| ConfigError::Invalid {
+                    var: "CHANNELS_CLIENT_ADDRESS_HEADER",
+                    reason: format!("{h:?} is not a header name"),
+                })
+            })
+            .transpose()?;
+        Ok(Limits {
+            max_connections: self.positive("CHANNELS_MAX_CONNECTIONS", "200000")?,
+            max_sockets_per_user: self.positive("CHANNELS_MAX_SOCKETS_PER_USER", "32")?,
+            max_json_depth: self.positive("CHANNELS_MAX_JSON_DEPTH", "64")?,
+            rates: RateLimits {
+                connect: self.rate("CHANNELS_CONNECT_RATE", "50:200")?,
+                authorize: self.rate("CHANNELS_AUTHORIZE_RATE", "20:100")?,
+                notify_per_key: self.rate("CHANNELS_NOTIFY_RATE_PER_KEY", "20000:40000")?,
+                notify_per_address: self.rate("CHANNELS_NOTIFY_RATE_PER_ADDRESS", "20000:40000")?,
+                client_address_header,
+            },
+        })
     }
 
     fn list(&self, var: &str) -> Option<Vec<String>> {

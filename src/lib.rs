@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod notification;
 pub mod registry;
@@ -31,6 +32,7 @@ use crate::{
     bus::{Bus, RedisBus},
     config::Config,
     gateway::{Delivery, Gateway, SocketRegistry},
+    limits::{ConnectionLimit, Limiters, PeerAddr},
     metrics::Metrics,
     registry::RegistryStats,
 };
@@ -60,7 +62,11 @@ pub enum StartError {
 /// Starts a node on `listener` with `config`, and returns once it serves.
 pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartError> {
     let metrics = Metrics::new(config.metrics_max_channels);
-    let registry = Arc::new(SocketRegistry::new(metrics.clone()));
+    let registry = Arc::new(SocketRegistry::new(
+        metrics.clone(),
+        config.limits.max_sockets_per_user,
+    ));
+    let limiters = Limiters::new(&config.limits.rates, metrics.clone());
     let ws_tokens = WsTokens::new(&config.ws_token_secret, config.ws_token_ttl);
     let upstream = UpstreamVerifier::new(&config.upstream)
         .await
@@ -84,7 +90,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         api_keys: ApiKeys::new(&config.api_keys),
         bus: bus.clone(),
         metrics: metrics.clone(),
+        limiters: limiters.clone(),
         max_body_bytes: config.max_body_bytes,
+        max_json_depth: config.limits.max_json_depth,
         shutting_down: shutting_down.clone(),
     };
     let gateway = Gateway {
@@ -94,14 +102,24 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         metrics: metrics.clone(),
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
-    let app = http::app(socket_io, &config);
+    let app = http::app(socket_io, &config, limiters.clone());
 
     let addr = listener.local_addr()?;
+    tokio::spawn(forget_idle_clients(limiters.clone(), shutting_down.clone()));
+    let listener = ConnectionLimit::new(
+        listener,
+        config.limits.max_connections,
+        limiters,
+        metrics.clone(),
+    );
     let stop = shutting_down.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<PeerAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
     });
     tracing::info!(%addr, dev_mode = config.dev_mode, "channels node serving");
     Ok(Node {
@@ -113,6 +131,17 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         server,
         config,
     })
+}
+
+/// Keeps the rate limiters' tables to recently active clients, until shutdown.
+async fn forget_idle_clients(limiters: Limiters, stop: CancellationToken) {
+    let mut every = tokio::time::interval(limits::FORGET_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = every.tick() => limiters.forget_idle(),
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 impl Node {

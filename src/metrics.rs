@@ -41,7 +41,8 @@ struct Inner {
 pub struct Handles {
     /// Connected sockets on this node.
     pub sockets: IntGauge,
-    /// Socket.IO connection attempts by outcome (`accepted`, `unauthorized`, `bad_request`).
+    /// Socket.IO connection attempts by outcome (`accepted`, `unauthorized`,
+    /// `bad_request`, `too_many_sockets`).
     pub connects: IntCounterVec,
     /// `/notify` calls by variant and outcome.
     pub notifications: IntCounterVec,
@@ -61,7 +62,23 @@ pub struct Handles {
     pub bus_subscriptions: IntGauge,
     /// Sockets disconnected because their send queue overflowed.
     pub slow_client_disconnects: IntCounter,
+    /// Open TCP connections (HTTP calls, polling and websocket transports).
+    pub connections: IntGauge,
+    /// Calls and connections refused by a limit, by limit (see [`LIMITS`]).
+    pub limit_refusals: IntCounterVec,
 }
+
+/// The `limit` label values of `channels_limit_refusals_total`.
+pub const LIMITS: [&str; 8] = [
+    "max_connections",
+    "connect_rate",
+    "sockets_per_user",
+    "authorize_rate",
+    "notify_rate_per_key",
+    "notify_rate_per_address",
+    "body_size",
+    "json_depth",
+];
 
 /// The connected-sockets series of one channel, held by the registry for as
 /// long as the channel has sockets on this node.
@@ -146,6 +163,19 @@ impl Metrics {
                 "Sockets disconnected because their send queue overflowed",
             )
             .expect("valid"),
+            connections: IntGauge::new(
+                "connections",
+                "Open TCP connections (HTTP calls and socket.io transports)",
+            )
+            .expect("valid"),
+            limit_refusals: IntCounterVec::new(
+                Opts::new(
+                    "limit_refusals_total",
+                    "Calls and connections refused by a limit, by limit",
+                ),
+                &["limit"],
+            )
+            .expect("valid"),
         };
         for c in [
             Box::new(sockets_by_channel.clone()) as Box<dyn prometheus::core::Collector>,
@@ -160,12 +190,19 @@ impl Metrics {
             Box::new(handles.bus_publish_errors.clone()),
             Box::new(handles.bus_subscriptions.clone()),
             Box::new(handles.slow_client_disconnects.clone()),
+            Box::new(handles.connections.clone()),
+            Box::new(handles.limit_refusals.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         // Pre-create the fixed label sets so every series exists from the start
         // (a dashboard or alert then sees 0, not "no data").
-        for outcome in ["accepted", "unauthorized", "bad_request"] {
+        for outcome in [
+            "accepted",
+            "unauthorized",
+            "bad_request",
+            "too_many_sockets",
+        ] {
             handles.connects.with_label_values(&[outcome]);
         }
         for variant in ["channel", "user", "user_channel"] {
@@ -175,6 +212,9 @@ impl Metrics {
         }
         for outcome in ["rejected", "unavailable"] {
             handles.notifications.with_label_values(&["none", outcome]);
+        }
+        for limit in LIMITS {
+            handles.limit_refusals.with_label_values(&[limit]);
         }
         Self {
             inner: Arc::new(Inner {

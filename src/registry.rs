@@ -33,8 +33,15 @@ pub struct Registry<S> {
     by_user: DashMap<KeycloakId, Vec<UserSocket<S>>>,
     /// Total sockets, kept beside the maps so reading it takes no lock.
     sockets: AtomicUsize,
+    /// `CHANNELS_MAX_SOCKETS_PER_USER`.
+    max_per_user: usize,
     metrics: Metrics,
 }
+
+/// A user already holds the most sockets a node lets one user hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the user holds too many sockets on this node")]
+pub struct TooManySockets;
 
 /// The sockets of one channel, and the metric series they are counted in.
 struct ChannelSockets<S> {
@@ -58,17 +65,41 @@ pub struct RegistryStats {
 }
 
 impl<S: Clone> Registry<S> {
-    pub fn new(metrics: Metrics) -> Self {
+    pub fn new(metrics: Metrics, max_per_user: usize) -> Self {
         Self {
             by_channel: DashMap::new(),
             by_user: DashMap::new(),
             sockets: AtomicUsize::new(0),
+            max_per_user,
             metrics,
         }
     }
 
-    /// Makes a socket reachable by its channel, its user, and the pair.
-    pub fn insert(&self, sid: Sid, user: &KeycloakId, channel: &Channel, socket: S) {
+    /// Makes a socket reachable by its channel, its user, and the pair,
+    /// unless its user already holds `max_per_user` sockets. The user's entry
+    /// is checked and extended under one lock, so concurrent connects of one
+    /// user cannot overshoot the cap.
+    pub fn insert(
+        &self,
+        sid: Sid,
+        user: &KeycloakId,
+        channel: &Channel,
+        socket: S,
+    ) -> Result<(), TooManySockets> {
+        {
+            let mut sockets = self.by_user.entry(user.clone()).or_default();
+            if sockets.iter().any(|s| s.sid == sid) {
+                return Ok(()); // Already registered: keep the counts right.
+            }
+            if sockets.len() >= self.max_per_user {
+                return Err(TooManySockets);
+            }
+            sockets.push(UserSocket {
+                sid,
+                channel: channel.clone(),
+                socket: socket.clone(),
+            });
+        }
         let mut entry = self
             .by_channel
             .entry(channel.clone())
@@ -76,21 +107,12 @@ impl<S: Clone> Registry<S> {
                 sockets: HashMap::new(),
                 gauge: self.metrics.channel_gauge(channel),
             });
-        if entry.sockets.insert(sid, socket.clone()).is_some() {
-            return; // Already registered: keep the counts right.
-        }
+        entry.sockets.insert(sid, socket);
         entry.gauge.inc();
         drop(entry);
-        self.by_user
-            .entry(user.clone())
-            .or_default()
-            .push(UserSocket {
-                sid,
-                channel: channel.clone(),
-                socket,
-            });
         self.sockets.fetch_add(1, Ordering::Relaxed);
         self.metrics.handles().sockets.inc();
+        Ok(())
     }
 
     /// Removes a socket from every index; empty entries are dropped so
@@ -179,10 +201,11 @@ mod tests {
 
     #[test]
     fn each_variant_reaches_exactly_its_sockets() {
-        let r = Registry::new(Metrics::new(10));
-        r.insert(Sid::new(), &user("alice"), &ch("admin"), 1);
-        r.insert(Sid::new(), &user("alice"), &ch("b2b"), 2);
-        r.insert(Sid::new(), &user("bob"), &ch("admin"), 3);
+        let r = Registry::new(Metrics::new(10), 32);
+        r.insert(Sid::new(), &user("alice"), &ch("admin"), 1)
+            .unwrap();
+        r.insert(Sid::new(), &user("alice"), &ch("b2b"), 2).unwrap();
+        r.insert(Sid::new(), &user("bob"), &ch("admin"), 3).unwrap();
         assert_eq!(
             found(
                 &r,
@@ -220,7 +243,7 @@ mod tests {
     #[test]
     fn removing_every_socket_leaves_every_index_empty() {
         let metrics = Metrics::new(10);
-        let r = Registry::new(metrics.clone());
+        let r = Registry::new(metrics.clone(), 32);
         let sockets: Vec<_> = (0..100u32)
             .map(|i| {
                 (
@@ -232,7 +255,7 @@ mod tests {
             })
             .collect();
         for (sid, u, c, i) in &sockets {
-            r.insert(*sid, u, c, *i);
+            r.insert(*sid, u, c, *i).unwrap();
         }
         assert_eq!(
             r.stats(),
@@ -256,5 +279,30 @@ mod tests {
         );
         assert_eq!(metrics.handles().sockets.get(), 0);
         assert!(!metrics.render().contains("channel=\"c0\""));
+    }
+
+    #[test]
+    fn a_user_at_the_cap_gets_no_further_socket_until_one_leaves() {
+        let r = Registry::new(Metrics::new(10), 2);
+        let (a, b, c) = (Sid::new(), Sid::new(), Sid::new());
+        r.insert(a, &user("alice"), &ch("admin"), 1).unwrap();
+        r.insert(b, &user("alice"), &ch("b2b"), 2).unwrap();
+        assert_eq!(
+            r.insert(c, &user("alice"), &ch("admin"), 3),
+            Err(TooManySockets)
+        );
+        assert!(r.insert(Sid::new(), &user("bob"), &ch("admin"), 4).is_ok());
+        assert_eq!(r.stats().sockets, 3, "the refused socket is nowhere");
+        assert_eq!(
+            found(
+                &r,
+                Target::Channel {
+                    channel: ch("admin")
+                }
+            ),
+            vec![1, 4]
+        );
+        assert!(r.remove(a, &user("alice"), &ch("admin")));
+        assert!(r.insert(c, &user("alice"), &ch("admin"), 3).is_ok());
     }
 }

@@ -5,7 +5,7 @@
 //! position nor the length of a key leaks through timing.
 
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::config::Secret;
 
@@ -22,15 +22,18 @@ impl ApiKeys {
         }
     }
 
-    /// Whether `candidate` is one of the accepted keys.
-    pub fn accepts(&self, candidate: &str) -> bool {
+    /// The position of `candidate` among the accepted keys, if it is one:
+    /// rate limits are kept per key without keeping the key.
+    pub fn find(&self, candidate: &str) -> Option<usize> {
         let candidate = digest(candidate);
-        self.digests
-            .iter()
-            .fold(subtle::Choice::from(0), |found, key| {
-                found | key.ct_eq(&candidate)
-            })
-            .into()
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u32;
+        for (i, key) in self.digests.iter().enumerate() {
+            let equal = key.ct_eq(&candidate);
+            index.conditional_assign(&(i as u32), equal);
+            found |= equal;
+        }
+        bool::from(found).then_some(index as usize)
     }
 }
 
@@ -45,10 +48,10 @@ mod tests {
     #[test]
     fn every_configured_key_is_accepted_and_nothing_else() {
         let keys = ApiKeys::new(&[Secret::new("old-key"), Secret::new("new-key")]);
-        assert!(keys.accepts("old-key"));
-        assert!(keys.accepts("new-key"));
-        assert!(!keys.accepts("new-ke"));
-        assert!(!keys.accepts(""));
-        assert!(!keys.accepts("new-key "));
+        assert_eq!(keys.find("old-key"), Some(0));
+        assert_eq!(keys.find("new-key"), Some(1));
+        assert_eq!(keys.find("new-ke"), None);
+        assert_eq!(keys.find(""), None);
+        assert_eq!(keys.find("new-key "), None);
     }
 }

@@ -28,6 +28,11 @@ pub enum UpstreamKeySource {
     Hs256(Secret),
 }
 
+/// The longest token either verifier reads. A Keycloak access token with
+/// many roles is a few KiB; anything far larger is refused before it is
+/// decoded, so an oversized token costs nothing but its length check.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
 /// Why a token was refused. The message is safe to show to the caller and to
 /// log: it never contains the token or a key.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -36,6 +41,8 @@ pub enum TokenError {
     Missing,
     #[error("token is malformed")]
     Malformed,
+    #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
     #[error("token algorithm {0} is not accepted")]
     Algorithm(String),
     #[error("token signing key {0:?} is unknown")]

@@ -20,7 +20,7 @@ use jsonwebtoken::{
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
 };
 
-use super::{Claims, TokenError, UpstreamKeySource, ws_token::WS_AUDIENCE};
+use super::{Claims, MAX_TOKEN_BYTES, TokenError, UpstreamKeySource, ws_token::WS_AUDIENCE};
 use crate::config::UpstreamConfig;
 
 /// The shortest time between two JWKS fetches triggered by unknown `kid`s.
@@ -134,6 +134,9 @@ impl UpstreamVerifier {
 
     /// Verifies an access token and returns its subject (the keycloak id).
     pub async fn verify(&self, token: &str) -> Result<String, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::InvalidAlgorithmName => {
                 TokenError::Algorithm("unsupported".into())

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Serialize;
 
-use super::{Claims, TokenError};
+use super::{Claims, MAX_TOKEN_BYTES, TokenError};
 use crate::{config::Secret, notification::KeycloakId};
 
 /// The audience of every ws token. Upstream tokens never carry it, and the
@@ -72,6 +72,9 @@ impl WsTokens {
 
     /// Verifies a ws token and returns its subject.
     pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
         Ok(data.claims.sub)
     }

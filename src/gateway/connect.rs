@@ -11,7 +11,10 @@ use serde_json::Value;
 use socketioxide::extract::{SocketRef, State, TryData};
 
 use super::{CONNECT_TIMEOUT, Gateway};
-use crate::notification::{Channel, KeycloakId};
+use crate::{
+    auth::WsTokens,
+    notification::{Channel, KeycloakId},
+};
 
 /// Why a connection was refused; its text is the `connect_error` message the
 /// client sees (SPEC.md: `unauthorized` or `bad_request`).
@@ -23,6 +26,9 @@ pub enum ConnectRefusal {
     /// Missing or malformed `keycloakID` or `channel`.
     #[error("bad_request")]
     BadRequest,
+    /// The user already holds `CHANNELS_MAX_SOCKETS_PER_USER` sockets here.
+    #[error("too_many_sockets")]
+    TooManySockets,
 }
 
 impl ConnectRefusal {
@@ -30,23 +36,27 @@ impl ConnectRefusal {
         match self {
             ConnectRefusal::Unauthorized => "unauthorized",
             ConnectRefusal::BadRequest => "bad_request",
+            ConnectRefusal::TooManySockets => "too_many_sockets",
         }
     }
 }
 
 /// A validated `auth` payload.
-struct Credentials {
-    user: KeycloakId,
-    channel: Channel,
+#[derive(Debug)]
+pub struct Credentials {
+    pub user: KeycloakId,
+    pub channel: Channel,
 }
 
-/// Parses the `auth` payload. `keycloakID` and `channel` are checked first
-/// (a `bad_request` tells the developer what to fix), then the token.
-fn check(
-    gateway: &Gateway,
-    auth: Result<Value, impl std::fmt::Debug>,
+/// Checks an `auth` payload (`None` when it is not valid JSON).
+/// `keycloakID` and `channel` are checked first (a `bad_request` tells the
+/// developer what to fix), then the token. Free of socket.io, so the fuzz
+/// targets run it directly.
+pub fn check_auth(
+    ws_tokens: &WsTokens,
+    auth: Option<Value>,
 ) -> Result<Credentials, ConnectRefusal> {
-    let auth = auth.map_err(|_| ConnectRefusal::BadRequest)?;
+    let auth = auth.ok_or(ConnectRefusal::BadRequest)?;
     let Value::Object(auth) = auth else {
         return Err(ConnectRefusal::BadRequest);
     };
@@ -58,7 +68,7 @@ fn check(
         .and_then(|raw| Channel::parse(raw).ok())
         .ok_or(ConnectRefusal::BadRequest)?;
     let token = string("token").ok_or(ConnectRefusal::Unauthorized)?;
-    let subject = gateway.ws_tokens.verify(token).map_err(|e| {
+    let subject = ws_tokens.verify(token).map_err(|e| {
         tracing::debug!(reason = %e, "socket token refused");
         ConnectRefusal::Unauthorized
     })?;
@@ -84,7 +94,7 @@ pub(super) async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
-    let Credentials { user, channel } = match check(&gateway, auth) {
+    let Credentials { user, channel } = match check_auth(&gateway.ws_tokens, auth.ok()) {
         Ok(credentials) => credentials,
         Err(refusal) => {
             connects.with_label_values(&[refusal.label()]).inc();
@@ -92,14 +102,26 @@ pub(super) async fn authenticate(
             return Err(refusal);
         }
     };
-    connects.with_label_values(&["accepted"]).inc();
-    tracing::info!(sid = %socket.id, request_id, %channel, transport = ?socket.transport_type(), "socket accepted");
-
     // Reachable locally first, then subscribed on the bus; only then does
     // socketioxide send the CONNECT acknowledgement.
-    gateway
+    if gateway
         .registry
-        .insert(socket.id, &user, &channel, socket.clone());
+        .insert(socket.id, &user, &channel, socket.clone())
+        .is_err()
+    {
+        let refusal = ConnectRefusal::TooManySockets;
+        connects.with_label_values(&[refusal.label()]).inc();
+        gateway
+            .metrics
+            .handles()
+            .limit_refusals
+            .with_label_values(&["sockets_per_user"])
+            .inc();
+        tracing::info!(sid = %socket.id, request_id, reason = refusal.label(), "socket refused");
+        return Err(refusal);
+    }
+    connects.with_label_values(&["accepted"]).inc();
+    tracing::info!(sid = %socket.id, request_id, %channel, transport = ?socket.transport_type(), "socket accepted");
     let member = Member {
         gateway,
         user,

@@ -13,7 +13,7 @@ use socketioxide::{
 
 use crate::{auth::WsTokens, bus::Bus, config::Config, metrics::Metrics, registry::Registry};
 
-pub use connect::ConnectRefusal;
+pub use connect::{ConnectRefusal, Credentials, check_auth};
 pub use delivery::Delivery;
 
 /// The sockets of this node, by channel and user.

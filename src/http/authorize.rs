@@ -1,20 +1,22 @@
 //! `GET /authorize`: trade an upstream access token for a ws token.
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::State,
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
 
-use super::{AppState, error::ApiError};
+use super::{AppState, ClientAddr, error::ApiError};
 use crate::{auth::TokenError, notification::KeycloakId};
 
 pub async fn authorize(
     State(state): State<AppState>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    state.limiters.check_authorize(client)?;
     let refuse = |e: TokenError| {
         tracing::debug!(reason = %e, "access token refused");
         ApiError::Unauthorized {

@@ -22,6 +22,12 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("{0}")]
     Unavailable(String),
+    /// A rate limit (see [`crate::limits`]); answered with `Retry-After`.
+    #[error("too many requests ({limit}); retry in {retry_after_secs} s")]
+    TooManyRequests {
+        limit: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("no such endpoint")]
     NotFound,
 }
@@ -38,6 +44,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
         }
     }
@@ -51,11 +58,32 @@ impl IntoResponse for ApiError {
             Json(json!({"error": code, "message": self.to_string()})),
         )
             .into_response();
-        if let ApiError::Unauthorized { bearer: true, .. } = self {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            ApiError::Unauthorized { bearer: true, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            _ => {}
         }
         response
+    }
+}
+
+impl From<crate::limits::Refused> for ApiError {
+    fn from(refused: crate::limits::Refused) -> Self {
+        // Whole seconds, rounded up: `Retry-After: 0` would invite a retry storm.
+        let secs = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        ApiError::TooManyRequests {
+            limit: refused.limit,
+            retry_after_secs: secs,
+        }
     }
 }

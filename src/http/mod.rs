@@ -8,12 +8,17 @@
 mod authorize;
 mod client_bundle;
 mod error;
-mod notify;
+pub mod notify;
 mod ops;
+
+use std::net::{IpAddr, Ipv4Addr};
 
 use axum::{
     Router,
+    extract::{ConnectInfo, Request, State},
     http::{HeaderName, HeaderValue, Method, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use tokio_util::sync::CancellationToken;
@@ -27,6 +32,7 @@ use crate::{
     auth::{ApiKeys, UpstreamVerifier, WsTokens},
     bus::Bus,
     config::Config,
+    limits::{Limiters, PeerAddr},
     metrics::Metrics,
 };
 
@@ -40,7 +46,10 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub bus: Bus,
     pub metrics: Metrics,
+    pub limiters: Limiters,
     pub max_body_bytes: usize,
+    /// Deepest nesting accepted in a notification's `msg`.
+    pub max_json_depth: usize,
     /// Cancelled when shutdown starts, so `/readyz` turns 503 and the load
     /// balancer stops sending new clients here.
     pub shutting_down: CancellationToken,
@@ -61,7 +70,8 @@ pub fn router(state: AppState) -> Router {
 
 /// The whole node: the client bundle first (socket.io would otherwise take
 /// `/socket.io/socket.io.js` for an engine.io request), then `socket_io`.
-pub fn app<S>(socket_io: S, config: &Config) -> Router
+/// Every request first passes [`admit`].
+pub fn app<S>(socket_io: S, config: &Config, limiters: Limiters) -> Router
 where
     S: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
         + Clone
@@ -74,6 +84,7 @@ where
     let app = Router::new()
         .route("/socket.io/{file}", get(client_bundle::serve))
         .fallback_service(socket_io)
+        .layer(middleware::from_fn_with_state(limiters, admit))
         // Innermost first: the span needs the id, which the outer layer sets.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
@@ -82,6 +93,35 @@ where
         Some(cors) => app.layer(cors),
         None => app,
     }
+}
+
+/// The address a request comes from (see [`Limiters::client_address`]), as
+/// a request extension for the handlers' own limits.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub IpAddr);
+
+/// Finds the client's address and applies the connection rate to engine.io
+/// handshakes: a request under `/socket.io/` without a session id opens a
+/// new connection; the requests of an open session pass freely.
+async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<PeerAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.0.ip());
+    let client = limiters.client_address(request.headers(), peer);
+    let uri = request.uri();
+    let handshake = uri.path().starts_with("/socket.io/")
+        && !uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .any(|pair| pair.starts_with("sid="));
+    if handshake && let Err(refused) = limiters.check_connect(client) {
+        tracing::info!(client = %client, "connection refused: rate limit");
+        return ApiError::from(refused).into_response();
+    }
+    request.extensions_mut().insert(ClientAddr(client));
+    next.run(request).await
 }
 
 /// The header carrying each request's id: kept from the caller (a load

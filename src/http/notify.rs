@@ -1,12 +1,16 @@
 //! `POST /notify`: a backend pushes a message to sockets.
 //!
 //! The call is checked in this order, each failure answered before the next
-//! step runs: media type (415), size (413), JSON (400), API key (401),
-//! message and target (400). Only a fully valid call reaches the bus, so a
+//! step runs: the caller's address rate (429), media type (415), size (413),
+//! JSON (400), API key (401), the key's rate (429), message and target
+//! (400), message depth (400). Only a fully valid call reaches the bus, so a
 //! rejected call delivers nothing.
+//!
+//! [`parse_body`] and [`NotifyBody::validate`] hold the parsing and
+//! validation, free of HTTP, so the fuzz targets run them directly.
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Body,
     extract::State,
     http::{HeaderMap, header},
@@ -15,13 +19,16 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
-use super::{AppState, error::ApiError};
-use crate::notification::{Channel, KeycloakId, Notification, Target};
+use super::{AppState, ClientAddr, error::ApiError};
+use crate::{
+    limits::nested_deeper_than,
+    notification::{Channel, KeycloakId, Notification, Target},
+};
 
 /// The body of a `/notify` call. Targets are read as any JSON value so a
 /// wrong type gets a precise message rather than a serde one.
 #[derive(Deserialize)]
-struct NotifyBody {
+pub struct NotifyBody {
     #[serde(rename = "API_KEY", default)]
     api_key: Option<Value>,
     #[serde(default)]
@@ -40,10 +47,14 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
 
 pub async fn notify(
     State(state): State<AppState>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let result = accept(&state, &headers, body).await;
+    let result = match state.limiters.check_notify_address(client) {
+        Ok(()) => accept(&state, &headers, body).await,
+        Err(refused) => Err(refused.into()),
+    };
     let (variant, outcome) = match &result {
         Ok((_, variant)) => (*variant, "accepted"),
         Err(ApiError::Unavailable(_)) => ("none", "unavailable"),
@@ -71,77 +82,34 @@ async fn accept(
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let limit = state.max_body_bytes;
-    let too_large = ApiError::PayloadTooLarge { limit };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(too_large);
-    }
-    let bytes = Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<LengthLimitError>() {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::BadRequest("the body could not be read".into())
-            }
-        })?
-        .to_bytes();
+    let bytes = read_body(state, headers, body).await?;
 
     // A key in the header is checked before the body is even parsed.
     let header_key = headers
         .get("x-api-key")
         .map(|v| v.to_str().unwrap_or_default());
-    if let Some(key) = header_key {
-        check_key(state, key)?;
-    }
-    // serde also reads a struct from a JSON array; only an object is a body.
-    if bytes.trim_ascii_start().first() != Some(&b'{') {
-        return Err(ApiError::BadRequest("body must be a JSON object".into()));
-    }
-    let body: NotifyBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::BadRequest(match e.classify() {
-            serde_json::error::Category::Data => format!("body must be a JSON object: {e}"),
-            _ => format!("body is not valid JSON: {e}"),
-        })
-    })?;
-    if header_key.is_none() {
-        match &body.api_key {
+    let header_key = header_key.map(|key| check_key(state, key)).transpose()?;
+    let body = parse_body(&bytes)?;
+    let key = match header_key {
+        Some(key) => key,
+        None => match &body.api_key {
             Some(Value::String(key)) => check_key(state, key)?,
             _ => {
                 return Err(unauthorized(
                     "missing API key (X-API-Key header or API_KEY field)",
                 ));
             }
-        }
-    }
-
-    let msg = body
-        .msg
-        .filter(|m| m.get() != "null")
-        .ok_or_else(|| ApiError::BadRequest("msg is required and must not be null".into()))?;
-    let keycloak = body
-        .keycloak
-        .map(|v| parse_target_field("keycloak", &v, KeycloakId::parse))
-        .transpose()?;
-    let channel = body
-        .channel
-        .map(|v| parse_target_field("channel", &v, Channel::parse))
-        .transpose()?;
-    let target = match (keycloak, channel) {
-        (None, Some(channel)) => Target::Channel { channel },
-        (Some(keycloak), None) => Target::User { keycloak },
-        (Some(keycloak), Some(channel)) => Target::UserChannel { keycloak, channel },
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "at least one of keycloak and channel is required".into(),
-            ));
-        }
+        },
     };
+    state.limiters.check_notify_key(key)?;
+    let (target, msg) = body.validate()?;
+    if nested_deeper_than(msg.get(), state.max_json_depth) {
+        state.limiters.refused("json_depth");
+        return Err(ApiError::BadRequest(format!(
+            "msg is nested deeper than {} levels",
+            state.max_json_depth
+        )));
+    }
 
     let notification = Notification::new(target, msg);
     let id = notification.id.clone();
@@ -155,6 +123,78 @@ async fn accept(
     Ok((id, variant))
 }
 
+/// The body, up to `CHANNELS_MAX_BODY_BYTES`: refused from its declared
+/// length when it has one, and cut off while streaming when it lies.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
+    let limit = state.max_body_bytes;
+    let too_large = || {
+        state.limiters.refused("body_size");
+        ApiError::PayloadTooLarge { limit }
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let collected = Limited::new(body, limit).collect().await.map_err(|e| {
+        if e.is::<LengthLimitError>() {
+            too_large()
+        } else {
+            ApiError::BadRequest("the body could not be read".into())
+        }
+    })?;
+    Ok(collected.to_bytes())
+}
+
+/// Parses a body: a JSON object whose known fields have the right shape.
+pub fn parse_body(bytes: &[u8]) -> Result<NotifyBody, ApiError> {
+    // serde also reads a struct from a JSON array; only an object is a body.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::BadRequest(match e.classify() {
+            serde_json::error::Category::Data => format!("body must be a JSON object: {e}"),
+            _ => format!("body is not valid JSON: {e}"),
+        })
+    })
+}
+
+impl NotifyBody {
+    /// The call's target and message, or why they are refused.
+    pub fn validate(self) -> Result<(Target, Box<RawValue>), ApiError> {
+        let msg = self
+            .msg
+            .filter(|m| m.get() != "null")
+            .ok_or_else(|| ApiError::BadRequest("msg is required and must not be null".into()))?;
+        let keycloak = self
+            .keycloak
+            .map(|v| parse_target_field("keycloak", &v, KeycloakId::parse))
+            .transpose()?;
+        let channel = self
+            .channel
+            .map(|v| parse_target_field("channel", &v, Channel::parse))
+            .transpose()?;
+        let target = match (keycloak, channel) {
+            (None, Some(channel)) => Target::Channel { channel },
+            (Some(keycloak), None) => Target::User { keycloak },
+            (Some(keycloak), Some(channel)) => Target::UserChannel { keycloak, channel },
+            (None, None) => {
+                return Err(ApiError::BadRequest(
+                    "at least one of keycloak and channel is required".into(),
+                ));
+            }
+        };
+        Ok((target, msg))
+    }
+}
+
 /// `application/json`, with or without parameters such as `charset`.
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -164,12 +204,12 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn check_key(state: &AppState, key: &str) -> Result<(), ApiError> {
-    if state.api_keys.accepts(key) {
-        Ok(())
-    } else {
-        Err(unauthorized("unknown API key"))
-    }
+/// The accepted key's number, for its rate limit.
+fn check_key(state: &AppState, key: &str) -> Result<usize, ApiError> {
+    state
+        .api_keys
+        .find(key)
+        .ok_or_else(|| unauthorized("unknown API key"))
 }
 
 fn unauthorized(message: &str) -> ApiError {

@@ -37,6 +37,8 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
         ("CHANNELS_LISTEN", "127.0.0.1:0"),
         ("CHANNELS_PING_INTERVAL", "2"),
         ("CHANNELS_PING_TIMEOUT", "2"),
+        // Tests open many sockets from one address; tests/limits.rs sets it.
+        ("CHANNELS_CONNECT_RATE", "off"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -163,8 +165,29 @@ pub struct SioClient {
 impl SioClient {
     /// Connects to the default namespace. `Err` carries the `connect_error` message.
     pub async fn connect(addr: SocketAddr, auth: Value) -> Result<SioClient, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        Self::connect_on(stream, auth).await
+    }
+
+    /// Connects from the local address `from` (any of 127.0.0.0/8).
+    pub async fn connect_from(
+        addr: SocketAddr,
+        from: std::net::IpAddr,
+        auth: Value,
+    ) -> Result<SioClient, String> {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::new(from, 0))
+            .map_err(|e| e.to_string())?;
+        let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        Self::connect_on(stream, auth).await
+    }
+
+    /// Speaks socket.io over an open TCP connection to the node.
+    async fn connect_on(stream: TcpStream, auth: Value) -> Result<SioClient, String> {
+        let addr = stream.peer_addr().map_err(|e| e.to_string())?;
         let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
             .await
             .map_err(|e| e.to_string())?;
         let open = next_text(&mut ws).await.ok_or("no engine.io OPEN")?;
@@ -226,6 +249,16 @@ impl SioClient {
     /// Closes the websocket without a socket.io DISCONNECT.
     pub async fn drop_connection(mut self) {
         let _ = self.ws.close(None).await;
+    }
+
+    /// Drops the TCP connection with a reset: no websocket close, no FIN.
+    pub fn reset(self) {
+        if let MaybeTlsStream::Plain(tcp) = self.ws.get_ref() {
+            // Deprecated because a non-zero linger blocks the dropping
+            // thread; a zero linger resets at once and never blocks.
+            #[allow(deprecated)]
+            let _ = tcp.set_linger(Some(Duration::ZERO));
+        }
     }
 
     /// The next engine.io MESSAGE (`4` + a socket.io packet), answering
