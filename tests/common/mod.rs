@@ -37,8 +37,10 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
         ("CHANNELS_LISTEN", "127.0.0.1:0"),
         ("CHANNELS_PING_INTERVAL", "2"),
         ("CHANNELS_PING_TIMEOUT", "2"),
-        // Tests open many sockets from one address; tests/limits.rs sets it.
+        // Tests call from one address far faster than any client would;
+        // tests/limits.rs sets the rates it checks.
         ("CHANNELS_CONNECT_RATE", "off"),
+        ("CHANNELS_AUTHORIZE_RATE", "off"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -165,6 +167,11 @@ pub struct SioClient {
 impl SioClient {
     /// Connects to the default namespace. `Err` carries the `connect_error` message.
     pub async fn connect(addr: SocketAddr, auth: Value) -> Result<SioClient, String> {
+        Self::connect_raw(addr, &auth.to_string()).await
+    }
+
+    /// Connects with `auth` sent as is, valid JSON or not.
+    pub async fn connect_raw(addr: SocketAddr, auth: &str) -> Result<SioClient, String> {
         let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         Self::connect_on(stream, auth).await
     }
@@ -180,11 +187,11 @@ impl SioClient {
             .bind(SocketAddr::new(from, 0))
             .map_err(|e| e.to_string())?;
         let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
-        Self::connect_on(stream, auth).await
+        Self::connect_on(stream, &auth.to_string()).await
     }
 
     /// Speaks socket.io over an open TCP connection to the node.
-    async fn connect_on(stream: TcpStream, auth: Value) -> Result<SioClient, String> {
+    async fn connect_on(stream: TcpStream, auth: &str) -> Result<SioClient, String> {
         let addr = stream.peer_addr().map_err(|e| e.to_string())?;
         let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
         let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
@@ -223,6 +230,17 @@ impl SioClient {
                 return Some(event.remove(1));
             }
         }
+    }
+
+    /// The next `notification` event's payload as the raw JSON text the
+    /// server wrote, or `None` after `wait`.
+    pub async fn raw_notification(&mut self, wait: Duration) -> Option<String> {
+        let packet = self.next_packet(wait).await?;
+        let raw = packet
+            .strip_prefix(r#"42["notification","#)
+            .and_then(|p| p.strip_suffix(']'))
+            .unwrap_or_else(|| panic!("unexpected packet {packet}"));
+        Some(raw.to_string())
     }
 
     /// Whether the server closed this socket (DISCONNECT packet or closed
