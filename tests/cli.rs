@@ -1,11 +1,14 @@
 //! The `channels` binary as an operator meets it: start-up errors that name
 //! the variable, dev mode with no setup, `gen-token`, and SIGTERM.
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
+
+use common::spawn_node;
 
 const BIN: &str = env!("CARGO_BIN_EXE_channels");
 
@@ -34,31 +37,6 @@ fn a_missing_secret_is_a_startup_error_naming_the_variable() {
     let out = channels(&["serve"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CHANNELS_AUTH_JWKS_URL"));
-}
-
-/// Starts `channels serve` with `env` and returns the child and its address.
-fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
-    let mut env = env.to_vec();
-    env.extend([
-        ("CHANNELS_LISTEN", "127.0.0.1:0"),
-        ("CHANNELS_LOG_FORMAT", "json"),
-    ]);
-    let mut child = channels(args, &env).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
-            && entry["fields"]["message"] == "channels node serving"
-        {
-            let addr = entry["fields"]["addr"].as_str().unwrap().to_string();
-            // Keep reading its log, so the node never writes to a closed pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("the node did not start");
 }
 
 #[tokio::test]

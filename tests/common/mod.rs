@@ -30,6 +30,11 @@ pub struct TestNode {
 /// The test configuration: HS256 upstream tokens, two API keys, a fast
 /// heartbeat; `overrides` replace or add variables.
 pub fn config(overrides: &[(&str, &str)]) -> Config {
+    Config::from_vars(&test_vars(overrides), false).expect("valid test config")
+}
+
+/// The variables behind [`config`], for a node run as a separate process.
+pub fn test_vars(overrides: &[(&str, &str)]) -> HashMap<String, String> {
     let mut vars: HashMap<String, String> = [
         ("CHANNELS_AUTH_HS256_SECRET", UPSTREAM_SECRET),
         ("CHANNELS_WS_TOKEN_SECRET", WS_SECRET),
@@ -48,7 +53,50 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
     for (k, v) in overrides {
         vars.insert(k.to_string(), v.to_string());
     }
-    Config::from_vars(&vars, false).expect("valid test config")
+    vars
+}
+
+/// Starts the `channels` binary with `args` and only the variables `env`
+/// (plus `PATH`), listening on an ephemeral loopback port; returns the
+/// child and its address once it serves. Its log is drained in a thread, so
+/// the node never writes to a closed pipe.
+pub fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_channels"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command.envs(env.iter().copied());
+    command
+        .env("CHANNELS_LISTEN", "127.0.0.1:0")
+        .env("CHANNELS_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Ok(entry) = serde_json::from_str::<Value>(&line)
+            && entry["fields"]["message"] == "channels node serving"
+        {
+            let addr = entry["fields"]["addr"].as_str().unwrap().to_string();
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the node did not start");
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
 }
 
 pub async fn start(overrides: &[(&str, &str)]) -> TestNode {
