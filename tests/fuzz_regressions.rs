@@ -7,10 +7,13 @@ mod checks;
 
 use std::path::Path;
 
+/// A fuzz target's checks: panics on a failure.
+type Check = fn(&[u8]);
+
 #[test]
 fn every_seed_and_recorded_failure_passes_its_fuzz_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz");
-    let targets: [(&str, fn(&[u8])); 3] = [
+    let targets: [(&str, Check); 3] = [
         ("notify_body", checks::notify_body),
         ("socket_auth", checks::socket_auth),
         ("tokens", checks::tokens),
