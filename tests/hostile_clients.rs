@@ -52,17 +52,15 @@ impl ChildNode {
         rss_kib(self.child.id())
     }
 
+    /// The body of `GET url`.
+    async fn get_text(&self, url: &str) -> String {
+        let response = self.http.get(url).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// A metric's value (the first series named exactly `series`).
     async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.get_text(&self.url("/metrics")).await;
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no series {series}"))
@@ -135,15 +133,7 @@ async fn abandon_polling(node: &ChildNode, handshakes: usize, connects: usize) {
     let open = &open;
     stream::iter(0..handshakes + connects)
         .for_each_concurrent(50, |i| async move {
-            let text = node
-                .http
-                .get(open)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = node.get_text(open).await;
             let handshake: Value = serde_json::from_str(text.trim_start_matches('0')).unwrap();
             if i < handshakes {
                 return;
@@ -221,4 +211,137 @@ async fn floods_of_dropped_and_abandoned_connections_leave_no_trace() {
         assert_eq!(r.status(), 200);
     }
     assert_eq!(node.metric("channels_deliveries_total").await, 0.0);
+}
+
+/// Microseconds since the Unix epoch (the node's and the test's clocks are
+/// the same machine's).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// The `q` quantile of `values`, which it sorts.
+fn quantile(values: &mut [u64], q: f64) -> u64 {
+    values.sort_unstable();
+    values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_evicted_without_slowing_the_others() {
+    const QUEUE: usize = 64;
+    const PAD: usize = 16 * 1024;
+    const QUIET: u64 = 300; // notifies with healthy clients only
+    const STUCK_PHASE: u64 = 1200; // then with the stuck clients connected
+    const HEALTHY: usize = 20;
+    const STUCK: usize = 20;
+    let node = ChildNode::spawn(&[("CHANNELS_SOCKET_QUEUE", &QUEUE.to_string())]);
+
+    // Healthy clients read everything, each recording every notification's
+    // latency from the moment its /notify call was made.
+    let mut readers = Vec::new();
+    for i in 0..HEALTHY {
+        let mut client = SioClient::connect(
+            node.addr,
+            json!({"token": ws_token(&format!("h{i}")), "keycloakID": format!("h{i}"), "channel": "room"}),
+        )
+        .await
+        .unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            for expected in 0..QUIET + STUCK_PHASE {
+                let Some(msg) = client.notification(Duration::from_secs(10)).await else {
+                    break;
+                };
+                assert_eq!(msg["n"], expected, "in order, nothing missing");
+                latencies.push(now_us().saturating_sub(msg["t"].as_u64().unwrap()));
+            }
+            latencies
+        }));
+    }
+    let pad = "x".repeat(PAD);
+    let post = async |n: u64| {
+        let r = node
+            .http
+            .post(node.url("/notify"))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"channel": "room", "msg": {"n": n, "t": now_us(), "pad": pad}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    let mut pace = tokio::time::interval(Duration::from_millis(4));
+    for n in 0..QUIET {
+        pace.tick().await;
+        post(n).await;
+    }
+
+    // Clients that connect, then never read again: their TCP receive window
+    // fills, then the node's send buffer, then their socket.io queue.
+    let mut stuck = Vec::new();
+    for i in 0..STUCK {
+        let user = format!("s{i}");
+        stuck.push(
+            SioClient::connect(
+                node.addr,
+                json!({"token": ws_token(&user), "keycloakID": user, "channel": "room"}),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let before = node.rss_kib();
+    let mut peak = before;
+    for n in QUIET..QUIET + STUCK_PHASE {
+        pace.tick().await;
+        post(n).await;
+        if n % 20 == 0 {
+            peak = peak.max(node.rss_kib());
+        }
+    }
+
+    let mut quiet = Vec::new();
+    let mut loaded = Vec::new();
+    for reader in readers {
+        let latencies = reader.await.unwrap();
+        assert_eq!(
+            latencies.len() as u64,
+            QUIET + STUCK_PHASE,
+            "a healthy client missed notifications"
+        );
+        quiet.extend_from_slice(&latencies[..QUIET as usize]);
+        loaded.extend_from_slice(&latencies[QUIET as usize..]);
+    }
+    let evicted = eventually(Duration::from_secs(20), async || {
+        node.metric("channels_slow_client_disconnects_total").await == STUCK as f64
+            && node.metric("channels_sockets").await == HEALTHY as f64
+    })
+    .await;
+    let p99_quiet = quantile(&mut quiet, 0.99);
+    let p99_loaded = quantile(&mut loaded, 0.99);
+    let (p50_quiet, p50_loaded) = (quantile(&mut quiet, 0.5), quantile(&mut loaded, 0.5));
+    eprintln!(
+        "slow consumers: healthy p50/p99 {p50_quiet}/{p99_quiet} µs alone, \
+         {p50_loaded}/{p99_loaded} µs beside {STUCK} stuck clients; \
+         RSS {before} KiB before, peak {peak} KiB"
+    );
+    assert!(
+        evicted,
+        "every stuck client is disconnected and counted once"
+    );
+    // Bounded memory: each stuck socket holds at most its queue of packets.
+    let bound_kib = (STUCK * QUEUE * PAD / 1024) as u64 * 2;
+    assert!(
+        peak <= before + bound_kib,
+        "memory stays bounded: {before} -> {peak} KiB (bound +{bound_kib})"
+    );
+    // The healthy clients' tail latency stays within 2x of the run without
+    // stuck clients (plus 2 ms, below which a shared machine's jitter rules).
+    assert!(
+        p99_loaded <= 2 * p99_quiet + 2000,
+        "p99 {p99_loaded} µs beside stuck clients vs {p99_quiet} µs alone"
+    );
+    drop(stuck);
 }
