@@ -15,7 +15,7 @@ use std::{
 use common::*;
 use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 /// A node running as its own process, killed when dropped.
 struct ChildNode {
@@ -92,39 +92,59 @@ impl Drop for ChildNode {
     }
 }
 
-/// Connects `n` socket.io clients (users `u0..`, channels `c0..c9`), at most
-/// 100 handshakes at a time.
-async fn connect_many(addr: SocketAddr, n: usize) -> Vec<SioClient> {
+/// Connected clients, each held by a task that answers its pings (however
+/// long the flood takes to build) until [`vanish`].
+struct Held {
+    vanish: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Connects and holds `n` socket.io clients (users `u0..`, channels
+/// `c0..c9`), at most 100 handshakes at a time; returns once all are in.
+async fn connect_many(addr: SocketAddr, n: usize) -> Held {
     let gate = Arc::new(Semaphore::new(100));
-    let tasks: Vec<_> = (0..n)
+    let (vanish, signal) = watch::channel(false);
+    let (connected_tx, mut connected) = tokio::sync::mpsc::channel::<()>(n);
+    let tasks = (0..n)
         .map(|i| {
-            let gate = gate.clone();
+            let (gate, connected_tx) = (gate.clone(), connected_tx.clone());
+            let mut signal = signal.clone();
             tokio::spawn(async move {
-                let _permit = gate.acquire().await.unwrap();
+                let permit = gate.acquire().await.unwrap();
                 let user = format!("u{i}");
                 let auth = json!({"token": ws_token(&user), "keycloakID": user, "channel": format!("c{}", i % 10)});
-                SioClient::connect(addr, auth).await.expect("accepted")
+                let mut client = SioClient::connect(addr, auth).await.expect("accepted");
+                drop(permit);
+                connected_tx.send(()).await.unwrap();
+                tokio::select! {
+                    _ = client.closed_within(Duration::from_secs(300)) => {}
+                    _ = signal.changed() => {}
+                }
+                // Gone without a websocket close: a reset, or a plain FIN.
+                if i % 2 == 0 {
+                    client.reset();
+                }
             })
         })
         .collect();
-    let mut clients = Vec::with_capacity(n);
-    for task in tasks {
-        clients.push(task.await.unwrap());
+    for _ in 0..n {
+        connected.recv().await.unwrap();
     }
-    clients
+    Held { vanish, tasks }
 }
 
-/// Drops every client without a websocket close: half with a TCP reset,
-/// half with a plain FIN.
-fn vanish(clients: Vec<SioClient>) {
-    for (i, client) in clients.into_iter().enumerate() {
-        if i % 2 == 0 {
-            client.reset();
-        } else {
-            drop(client);
-        }
+/// Drops every held client without a close handshake: half with a TCP
+/// reset, half with a plain FIN.
+async fn vanish(held: Held) {
+    let _ = held.vanish.send(true);
+    for task in held.tasks {
+        task.await.unwrap();
     }
 }
+
+/// One scenario at a time: each reads the node's memory and latency, which
+/// the other's load would disturb.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Opens `handshakes` polling sessions that never send CONNECT, and
 /// `connects` that send CONNECT over polling and never poll again.
@@ -155,15 +175,15 @@ async fn abandon_polling(node: &ChildNode, handshakes: usize, connects: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_dropped_and_abandoned_connections_leave_no_trace() {
-    // A heartbeat long enough for 10,000 silent clients to connect (they do
-    // not answer pings), short enough for abandoned sessions to expire soon.
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // A heartbeat short enough for abandoned polling sessions to expire soon.
     let node = ChildNode::spawn(&[
         ("CHANNELS_PING_INTERVAL", "10"),
         ("CHANNELS_PING_TIMEOUT", "10"),
     ]);
     let settle = Duration::from_secs(40);
     // Warm up: the allocator's pools and the runtime's threads exist from here on.
-    vanish(connect_many(node.addr, 1000).await);
+    vanish(connect_many(node.addr, 1000).await).await;
     abandon_polling(&node, 200, 100).await;
     assert!(node.settles(1.0, settle).await, "warm-up settles");
     let baseline = node.rss_kib();
@@ -173,7 +193,7 @@ async fn floods_of_dropped_and_abandoned_connections_leave_no_trace() {
     let connect_secs = started.elapsed().as_secs_f64();
     assert_eq!(node.metric("channels_sockets").await, 10_000.0);
     let peak_websocket = node.rss_kib();
-    vanish(clients);
+    vanish(clients).await;
     abandon_polling(&node, 2000, 1000).await;
     let peak_polling = node.rss_kib();
     // Websockets go at once; polling sessions at the CONNECT timeout (10 s)
@@ -236,7 +256,14 @@ async fn clients_that_stop_reading_are_evicted_without_slowing_the_others() {
     const STUCK_PHASE: u64 = 1200; // then with the stuck clients connected
     const HEALTHY: usize = 20;
     const STUCK: usize = 20;
-    let node = ChildNode::spawn(&[("CHANNELS_SOCKET_QUEUE", &QUEUE.to_string())]);
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // A long heartbeat: a stuck client must be evicted for its queue, not
+    // closed for missing pings first.
+    let node = ChildNode::spawn(&[
+        ("CHANNELS_SOCKET_QUEUE", &QUEUE.to_string()),
+        ("CHANNELS_PING_INTERVAL", "60"),
+        ("CHANNELS_PING_TIMEOUT", "60"),
+    ]);
 
     // Healthy clients read everything, each recording every notification's
     // latency from the moment its /notify call was made.

@@ -1,0 +1,131 @@
+//! A lean socket.io client: one websocket (tokio-tungstenite with small
+//! buffers) per connection, no client object beyond it. It speaks just what
+//! the benchmarks need of Engine.IO v4 / Socket.IO v5: the CONNECT with an
+//! `auth` payload, pongs, and `notification` events.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, protocol::WebSocketConfig},
+};
+
+/// Connections per source address: below the ~28k ephemeral ports one
+/// (source, destination) pair has, with a margin.
+const PER_SOURCE: usize = 20_000;
+
+/// Hands out local source addresses 127.0.0.1, 127.0.0.2, ... so that more
+/// connections than one address has ports can reach one server.
+pub struct Sources {
+    next: AtomicUsize,
+}
+
+impl Sources {
+    pub fn new() -> Self {
+        Self {
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn next(&self) -> IpAddr {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) / PER_SOURCE;
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + n as u8))
+    }
+}
+
+/// The payload every benchmark notification carries.
+#[derive(Deserialize)]
+pub struct Stamp {
+    /// Wall-clock microseconds at the `/notify` call.
+    pub t: u64,
+    /// Sequence number, per target.
+    pub n: u64,
+}
+
+/// An open, connected socket.io client.
+pub struct Client {
+    ws: WebSocketStream<TcpStream>,
+}
+
+/// What a connected client saw.
+pub enum Event {
+    Notification(Stamp),
+    /// The server closed the connection (or it broke).
+    Closed,
+}
+
+impl Client {
+    /// Connects from the next source address and joins with `auth`.
+    pub async fn connect(
+        server: SocketAddr,
+        sources: &Sources,
+        auth: &str,
+    ) -> anyhow::Result<Self> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(sources.next(), 0))?;
+        let stream = socket.connect(server).await.context("tcp connect")?;
+        stream.set_nodelay(true)?;
+        let url = format!("ws://{server}/socket.io/?EIO=4&transport=websocket");
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+            .await
+            .context("websocket handshake")?;
+        let mut client = Client { ws };
+        let open = client.next_text().await.ok_or_else(|| anyhow!("no OPEN"))?;
+        if !open.starts_with('0') {
+            bail!("expected engine.io OPEN, got {open}");
+        }
+        client.ws.send(Message::text(format!("40{auth}"))).await?;
+        loop {
+            let packet = tokio::time::timeout(Duration::from_secs(10), client.next_text())
+                .await
+                .context("CONNECT answer timed out")?
+                .ok_or_else(|| anyhow!("closed before CONNECT answer"))?;
+            if packet.starts_with("40") {
+                return Ok(client);
+            }
+            if packet.starts_with("44") {
+                bail!("refused: {packet}");
+            }
+        }
+    }
+
+    /// The next notification, answering pings on the way.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let Some(text) = self.next_text().await else {
+                return Event::Closed;
+            };
+            if let Some(stamp) = text
+                .strip_prefix(r#"42["notification","#)
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|payload| serde_json::from_str(payload).ok())
+            {
+                return Event::Notification(stamp);
+            }
+        }
+    }
+
+    async fn next_text(&mut self) -> Option<String> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(t)) if t.as_str() == "2" => {
+                    self.ws.send(Message::text("3")).await.ok()?;
+                }
+                Ok(Message::Text(t)) => return Some(t.to_string()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+}

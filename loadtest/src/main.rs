@@ -1,0 +1,237 @@
+//! `loadtest`: the load generator and the side-by-side benchmark of channels
+//! against the Node baseline (README "Benchmarks", BENCHMARKS.md).
+//!
+//! `loadtest run <scenario> --server channels|node` runs one scenario;
+//! `loadtest compare` runs every scenario against both servers, alternating
+//! them round by round, and prints a table of medians and ratios.
+
+mod client;
+mod report;
+mod scenarios;
+mod servers;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    report::{Report, median},
+    scenarios::Sizes,
+    servers::{Kind, Programs},
+};
+
+#[derive(Parser)]
+#[command(about = "Load generator and benchmark for channels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// The channels binary (build it with `cargo build --release`).
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/channels"))]
+    channels_bin: PathBuf,
+    /// The Node baseline's folder (`npm ci` runs there when needed).
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/baseline/node"))]
+    node_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one scenario against one server.
+    Run {
+        scenario: Scenario,
+        #[arg(long, value_enum, default_value_t = Kind::Channels)]
+        server: Kind,
+        #[command(flatten)]
+        sizes: Sizes,
+    },
+    /// Runs every scenario against both servers and prints the comparison.
+    Compare {
+        /// Rounds per scenario; each round runs both servers, in turn first.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Connections of the idle scenario (the others use 2,000).
+        #[arg(long, default_value_t = 18_000)]
+        idle_connections: usize,
+        /// Small numbers, seconds per scenario: a smoke run, not a benchmark.
+        #[arg(long)]
+        quick: bool,
+        /// Only these scenarios (default: all).
+        #[arg(long, value_enum)]
+        only: Vec<Scenario>,
+    },
+}
+
+/// One number the comparison table shows of a report.
+type Measure = fn(&Report) -> f64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Idle,
+    Fanout,
+    Targeted,
+    Cluster,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 4] = [
+        Scenario::Idle,
+        Scenario::Fanout,
+        Scenario::Targeted,
+        Scenario::Cluster,
+    ];
+
+    async fn run(self, kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
+        match self {
+            Scenario::Idle => scenarios::idle(kind, programs, sizes).await,
+            Scenario::Fanout => scenarios::fanout(kind, programs, sizes).await,
+            Scenario::Targeted => scenarios::targeted(kind, programs, sizes, 1).await,
+            Scenario::Cluster => scenarios::targeted(kind, programs, sizes, 2).await,
+        }
+    }
+
+    /// The sizes `compare` uses.
+    fn sizes(self, quick: bool, idle_connections: usize) -> Sizes {
+        let connections = match (self, quick) {
+            (_, true) => 50,
+            (Scenario::Idle, false) => idle_connections,
+            _ => 2000,
+        };
+        Sizes {
+            connections,
+            posters: if quick { 4 } else { 32 },
+            seconds: if quick { 1.0 } else { 10.0 },
+            notifies: if quick { 50 } else { 2000 },
+            window: 16,
+        }
+    }
+
+    /// What the comparison table shows of this scenario.
+    fn headline(self) -> Vec<(&'static str, Measure)> {
+        match self {
+            Scenario::Idle => vec![
+                ("RSS per connection, KiB", |r| r.rss_per_connection_kib),
+                ("connects/s", |r| r.connects_per_s),
+                ("lost at the final notify", |r| r.lost as f64),
+            ],
+            Scenario::Fanout => vec![
+                ("deliveries/s", |r| r.deliveries_per_s),
+                ("p99 ms", |r| r.p99_ms),
+                ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
+            ],
+            Scenario::Targeted | Scenario::Cluster => vec![
+                ("notifies/s", |r| r.notifies_per_s),
+                ("p99 ms", |r| r.p99_ms),
+                ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
+                ("lost", |r| r.lost as f64),
+                ("out of order", |r| r.out_of_order as f64),
+            ],
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let programs = Programs {
+        channels: cli.channels_bin,
+        node_dir: cli.node_dir,
+    };
+    match cli.command {
+        Command::Run {
+            scenario,
+            server,
+            sizes,
+        } => {
+            prepare(&programs, &[server]).await?;
+            scenario.run(server, &programs, &sizes).await?.print();
+        }
+        Command::Compare {
+            rounds,
+            idle_connections,
+            quick,
+            only,
+        } => {
+            prepare(&programs, &[Kind::Channels, Kind::Node]).await?;
+            let scenarios = if only.is_empty() {
+                Scenario::ALL.to_vec()
+            } else {
+                only
+            };
+            let mut table = Vec::new();
+            for scenario in scenarios {
+                let sizes = scenario.sizes(quick, idle_connections);
+                let mut reports: Vec<(Kind, Report)> = Vec::new();
+                for round in 0..rounds {
+                    let order = if round % 2 == 0 {
+                        [Kind::Channels, Kind::Node]
+                    } else {
+                        [Kind::Node, Kind::Channels]
+                    };
+                    for kind in order {
+                        eprintln!("{scenario:?} round {} / {rounds}: {kind:?}", round + 1);
+                        let report = scenario.run(kind, &programs, &sizes).await?;
+                        report.print();
+                        reports.push((kind, report));
+                    }
+                }
+                table.push((scenario, reports));
+            }
+            print_table(&table);
+        }
+    }
+    Ok(())
+}
+
+/// Checks the programs exist; installs the Node baseline's packages.
+async fn prepare(programs: &Programs, kinds: &[Kind]) -> anyhow::Result<()> {
+    if kinds.contains(&Kind::Channels) && !programs.channels.exists() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release` (or pass --channels-bin)",
+            programs.channels.display()
+        );
+    }
+    if kinds.contains(&Kind::Node) && !programs.node_dir.join("node_modules").exists() {
+        let status = tokio::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&programs.node_dir)
+            .status()
+            .await
+            .context("running npm ci for the Node baseline")?;
+        anyhow::ensure!(
+            status.success(),
+            "npm ci failed in {}",
+            programs.node_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Medians per server and their ratio, channels to Node.
+fn print_table(table: &[(Scenario, Vec<(Kind, Report)>)]) {
+    println!();
+    println!("| scenario | measure | channels | node | channels ÷ node |");
+    println!("|---|---|---|---|---|");
+    for (scenario, reports) in table {
+        for (label, value) in scenario.headline() {
+            let of = |kind: Kind| {
+                median(
+                    reports
+                        .iter()
+                        .filter(|(k, _)| *k == kind)
+                        .map(|(_, r)| value(r))
+                        .collect(),
+                )
+            };
+            let (ours, theirs) = (of(Kind::Channels), of(Kind::Node));
+            let ratio = if theirs > 0.0 {
+                format!("{:.2}", ours / theirs)
+            } else {
+                "-".into()
+            };
+            println!(
+                "| {} | {label} | {ours:.2} | {theirs:.2} | {ratio} |",
+                format!("{scenario:?}").to_lowercase()
+            );
+        }
+    }
+}

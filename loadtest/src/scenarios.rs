@@ -1,0 +1,380 @@
+//! The benchmark scenarios. Each starts its own servers, drives them from
+//! this process over loopback, and returns a [`Report`]. Every loop is
+//! bounded in count and time.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use futures_util::{StreamExt, stream};
+use serde_json::json;
+use tokio::{sync::watch, task::JoinSet};
+
+use crate::{
+    client::{Client, Event, Sources},
+    report::{Latencies, Report, now_us},
+    servers::{API_KEY, Kind, Programs, Redis, Server, TICKS_PER_SECOND},
+};
+
+/// Handshakes in flight at once while connecting.
+const CONNECT_CONCURRENCY: usize = 256;
+/// How long receivers wait for the last notifications after the posters stop.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// The sizes of a run.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Sizes {
+    /// Socket connections (idle, fanout) or users with one socket each
+    /// (targeted, cluster).
+    #[arg(long, default_value_t = 2000)]
+    pub connections: usize,
+    /// Concurrent `/notify` posters (targeted, cluster, idle's final round).
+    #[arg(long, default_value_t = 32)]
+    pub posters: usize,
+    /// Seconds of posting (targeted, cluster) or holding (idle).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Fanout: notifications to send.
+    #[arg(long, default_value_t = 1000)]
+    pub notifies: u64,
+    /// Fanout: notifications not yet received by every socket, at most.
+    #[arg(long, default_value_t = 16)]
+    pub window: u64,
+}
+
+/// The ws-token `auth` payload of user `i` in `channel`.
+fn auth(tokens: &channels::auth::WsTokens, i: usize, channel: &str) -> String {
+    let user = channels::notification::KeycloakId::parse(&format!("u{i}")).expect("valid id");
+    json!({"token": tokens.mint(&user), "keycloakID": format!("u{i}"), "channel": channel})
+        .to_string()
+}
+
+fn tokens() -> channels::auth::WsTokens {
+    channels::auth::WsTokens::new(
+        &channels::config::Secret::new(crate::servers::WS_SECRET),
+        Duration::from_secs(3600),
+    )
+}
+
+/// Connects users `0..n`, user `i` to `servers[i % len]` in `channel(i)`.
+async fn connect_all(
+    servers: &[SocketAddr],
+    n: usize,
+    channel: impl Fn(usize) -> String,
+) -> anyhow::Result<(Vec<Client>, f64)> {
+    let tokens = tokens();
+    let sources = Sources::new();
+    let started = Instant::now();
+    let mut progress = Instant::now();
+    let mut clients = Vec::with_capacity(n);
+    let mut connecting = stream::iter(0..n)
+        .map(|i| {
+            let payload = auth(&tokens, i, &channel(i));
+            let server = servers[i % servers.len()];
+            let sources = &sources;
+            async move {
+                Client::connect(server, sources, &payload)
+                    .await
+                    .with_context(|| format!("socket {i}"))
+            }
+        })
+        .buffered(CONNECT_CONCURRENCY);
+    while let Some(client) = connecting.next().await {
+        clients.push(client?);
+        if progress.elapsed() > Duration::from_secs(5) {
+            eprintln!("  connected {}/{n}", clients.len());
+            progress = Instant::now();
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    Ok((clients, rate))
+}
+
+/// What the receivers of a run collected.
+struct Received {
+    latencies: Latencies,
+    received: u64,
+    out_of_order: u64,
+}
+
+/// Spawns one receiver task per client. Each records every notification's
+/// latency and checks that sequence numbers only grow, until `stop`.
+fn receive_all(
+    clients: Vec<Client>,
+    stop: &watch::Receiver<bool>,
+    each: impl Fn(u64) + Clone + Send + 'static,
+) -> JoinSet<Received> {
+    let mut tasks = JoinSet::new();
+    for mut client in clients {
+        let mut stop = stop.clone();
+        let each = each.clone();
+        tasks.spawn(async move {
+            let mut out = Received {
+                latencies: Latencies::new(),
+                received: 0,
+                out_of_order: 0,
+            };
+            let mut last = 0;
+            loop {
+                tokio::select! {
+                    event = client.next_event() => match event {
+                        Event::Notification(stamp) => {
+                            out.latencies.record(now_us().saturating_sub(stamp.t));
+                            out.received += 1;
+                            if stamp.n <= last {
+                                out.out_of_order += 1;
+                            }
+                            last = stamp.n;
+                            each(stamp.n);
+                        }
+                        Event::Closed => break,
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+            out
+        });
+    }
+    tasks
+}
+
+async fn collect(mut tasks: JoinSet<Received>) -> Received {
+    let mut all = Received {
+        latencies: Latencies::new(),
+        received: 0,
+        out_of_order: 0,
+    };
+    while let Some(r) = tasks.join_next().await {
+        let r = r.expect("receiver task");
+        all.latencies.merge(&r.latencies);
+        all.received += r.received;
+        all.out_of_order += r.out_of_order;
+    }
+    all
+}
+
+/// Posts one notification; returns whether it was accepted.
+async fn post(http: &reqwest::Client, url: &str, body: serde_json::Value) -> bool {
+    http.post(url)
+        .header("x-api-key", API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// Hold `connections` idle sockets; report memory per connection and
+/// connect rate; then send every user one targeted notification.
+pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
+    let server = Server::start(kind, programs, None).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.rss_kib();
+    let n = sizes.connections;
+    let (clients, connects_per_s) =
+        connect_all(&[server.addr], n, |i| format!("c{}", i % 10)).await?;
+    let (stop_tx, stop) = watch::channel(false);
+    let receivers = receive_all(clients, &stop, |_| {});
+    // Let the server settle, then read its memory.
+    tokio::time::sleep(Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0))).await;
+    let after = server.rss_kib();
+
+    // Every socket still receives a targeted notification.
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/notify", server.addr);
+    let accepted = AtomicU64::new(0);
+    stream::iter(0..n)
+        .for_each_concurrent(sizes.posters, |i| {
+            let (http, url, accepted) = (&http, &url, &accepted);
+            async move {
+                let body = json!({"keycloak": format!("u{i}"), "msg": {"t": now_us(), "n": 1}});
+                if post(http, url, body).await {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    tokio::time::sleep(DRAIN).await;
+    let _ = stop_tx.send(true);
+    let got = collect(receivers).await;
+    let accepted = accepted.into_inner();
+    Ok(Report {
+        connections: n,
+        connects_per_s,
+        rss_per_connection_kib: (after.saturating_sub(before)) as f64 / n as f64,
+        notifies: accepted,
+        expected: accepted,
+        received: got.received,
+        lost: accepted.saturating_sub(got.received),
+        out_of_order: got.out_of_order,
+        ..Report::new("idle", kind, got.latencies)
+    })
+}
+
+/// `connections` sockets in one channel; variant-1 notifications as fast as
+/// the window allows (at most `window` not yet received by every socket).
+pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
+    let server = Server::start(kind, programs, None).await?;
+    let n = sizes.connections;
+    let (clients, connects_per_s) = connect_all(&[server.addr], n, |_| "fan".into()).await?;
+    // How many sockets have received notification k, for the window.
+    let counts: Arc<Vec<AtomicU64>> =
+        Arc::new((0..=sizes.notifies).map(|_| AtomicU64::new(0)).collect());
+    let complete = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let receivers = {
+        let (counts, complete) = (counts.clone(), complete.clone());
+        receive_all(clients, &stop, move |k| {
+            if let Some(c) = counts.get(k as usize)
+                && c.fetch_add(1, Ordering::Relaxed) + 1 == n as u64
+            {
+                complete.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/notify", server.addr);
+    let cpu_before = server.cpu_ticks();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(sizes.seconds.max(1.0) * 6.0);
+    let mut accepted = 0;
+    for k in 1..=sizes.notifies {
+        // Wait for the window, bounded by the deadline.
+        while k - 1 - complete.load(Ordering::Relaxed) >= sizes.window {
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        let body = json!({"channel": "fan", "msg": {"t": now_us(), "n": k}});
+        if post(&http, &url, body).await {
+            accepted += 1;
+        }
+    }
+    // Until every accepted notification reached every socket, or the drain.
+    let wait_until = Instant::now() + DRAIN;
+    while complete.load(Ordering::Relaxed) < accepted && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_ticks() - cpu_before;
+    let _ = stop_tx.send(true);
+    let got = collect(receivers).await;
+    let expected = accepted * n as u64;
+    Ok(Report {
+        connections: n,
+        connects_per_s,
+        notifies: accepted,
+        notifies_per_s: accepted as f64 / elapsed,
+        deliveries_per_s: got.received as f64 / elapsed,
+        expected,
+        received: got.received,
+        lost: expected.saturating_sub(got.received),
+        out_of_order: got.out_of_order,
+        server_cpu_us_per_notify: cpu as f64 / TICKS_PER_SECOND * 1e6 / accepted.max(1) as f64,
+        seconds: elapsed,
+        ..Report::new("fanout", kind, got.latencies)
+    })
+}
+
+/// `connections` users with one socket each; `posters` concurrent posters
+/// of variants 2 and 3 for `seconds`. With `nodes` > 1, a cluster on a
+/// private Redis: sockets and posters spread over the nodes.
+pub async fn targeted(
+    kind: Kind,
+    programs: &Programs,
+    sizes: &Sizes,
+    nodes: usize,
+) -> anyhow::Result<Report> {
+    let redis = if nodes > 1 {
+        Some(Redis::start().await?)
+    } else {
+        None
+    };
+    let mut servers = Vec::new();
+    for _ in 0..nodes {
+        servers.push(Server::start(kind, programs, redis.as_ref().map(|r| r.url.as_str())).await?);
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let n = sizes.connections;
+    let channel = |i: usize| format!("c{}", i % 10);
+    let (clients, connects_per_s) = connect_all(&addrs, n, channel).await?;
+    let (stop_tx, stop) = watch::channel(false);
+    let receivers = receive_all(clients, &stop, |_| {});
+
+    let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
+    let redis_before = redis.as_ref().map_or(0, Redis::cpu_ticks);
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(sizes.seconds);
+    let http = reqwest::Client::new();
+    let mut posters = JoinSet::new();
+    for p in 0..sizes.posters.min(n) {
+        let http = http.clone();
+        let url = format!("http://{}/notify", addrs[p % addrs.len()]);
+        // Poster p owns users p, p + posters, ...: one poster per user keeps
+        // each user's sequence numbers in order.
+        let users: Vec<usize> = (p..n).step_by(sizes.posters).collect();
+        posters.spawn(async move {
+            let mut sequence = vec![0u64; users.len()];
+            let mut accepted = 0u64;
+            let mut k = 0usize;
+            while Instant::now() < until {
+                let slot = k % users.len();
+                let user = users[slot];
+                sequence[slot] += 1;
+                let msg = json!({"t": now_us(), "n": sequence[slot]});
+                let body = if k.is_multiple_of(2) {
+                    json!({"keycloak": format!("u{user}"), "msg": msg})
+                } else {
+                    json!({"keycloak": format!("u{user}"), "channel": channel(user), "msg": msg})
+                };
+                // A refused call is not retried: its number is a gap, not
+                // a reordering.
+                if post(&http, &url, body).await {
+                    accepted += 1;
+                }
+                k += 1;
+            }
+            accepted
+        });
+    }
+    let mut accepted = 0;
+    while let Some(count) = posters.join_next().await {
+        accepted += count.expect("poster task");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = servers.iter().map(Server::cpu_ticks).sum::<u64>() - cpu_before;
+    let redis_cpu = redis.as_ref().map_or(0, Redis::cpu_ticks) - redis_before;
+    tokio::time::sleep(DRAIN).await;
+    let _ = stop_tx.send(true);
+    let got = collect(receivers).await;
+    let per_notify = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / accepted.max(1) as f64;
+    Ok(Report {
+        connections: n,
+        nodes,
+        connects_per_s,
+        notifies: accepted,
+        notifies_per_s: accepted as f64 / elapsed,
+        deliveries_per_s: got.received as f64 / elapsed,
+        expected: accepted,
+        received: got.received,
+        lost: accepted.saturating_sub(got.received),
+        out_of_order: got.out_of_order,
+        server_cpu_us_per_notify: per_notify(cpu),
+        redis_cpu_us_per_notify: redis.as_ref().map(|_| per_notify(redis_cpu)),
+        seconds: elapsed,
+        ..Report::new(
+            if nodes > 1 { "cluster" } else { "targeted" },
+            kind,
+            got.latencies,
+        )
+    })
+}

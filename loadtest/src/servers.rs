@@ -1,0 +1,194 @@
+//! The servers under test, each run as its own process so its memory and
+//! CPU can be read from `/proc`: the channels binary, the Node baseline
+//! (`loadtest/baseline/node`), and a private `redis-server` for clusters.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// The benchmarks' shared secrets: public, loopback only.
+pub const WS_SECRET: &str = "loadtest-ws-token-secret-0123456789abcdef";
+pub const API_KEY: &str = "loadtest-api-key";
+const UPSTREAM_SECRET: &str = "loadtest-upstream-secret-0123456789abcdef";
+
+/// Which server a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Channels,
+    Node,
+}
+
+/// Where the servers' programs are.
+#[derive(Clone, Debug)]
+pub struct Programs {
+    /// The `channels` binary (a release build for benchmarks).
+    pub channels: PathBuf,
+    /// The Node baseline's folder, with its `node_modules` installed.
+    pub node_dir: PathBuf,
+}
+
+/// A running server process, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts one node of `kind`; with `redis`, as a cluster node on it.
+    pub async fn start(
+        kind: Kind,
+        programs: &Programs,
+        redis: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut command = match kind {
+            Kind::Channels => {
+                let mut c = Command::new(&programs.channels);
+                c.arg("serve").envs([
+                    ("CHANNELS_LISTEN", addr.to_string().as_str()),
+                    ("CHANNELS_AUTH_HS256_SECRET", UPSTREAM_SECRET),
+                    ("CHANNELS_WS_TOKEN_SECRET", WS_SECRET),
+                    ("CHANNELS_API_KEYS", API_KEY),
+                    ("CHANNELS_LOG", "warn"),
+                    // The generator is one client address far beyond any
+                    // real client's rate.
+                    ("CHANNELS_CONNECT_RATE", "off"),
+                    ("CHANNELS_AUTHORIZE_RATE", "off"),
+                    ("CHANNELS_NOTIFY_RATE_PER_KEY", "off"),
+                    ("CHANNELS_NOTIFY_RATE_PER_ADDRESS", "off"),
+                ]);
+                if let Some(url) = redis {
+                    c.env("CHANNELS_REDIS_URL", url);
+                }
+                c
+            }
+            Kind::Node => {
+                let mut c = Command::new("node");
+                c.arg("server.js").current_dir(&programs.node_dir).envs([
+                    ("PORT", port.to_string().as_str()),
+                    ("WS_SECRET", WS_SECRET),
+                    ("API_KEY", API_KEY),
+                ]);
+                if let Some(url) = redis {
+                    c.env("REDIS_URL", url);
+                }
+                c
+            }
+        };
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the {kind:?} server"))?;
+        let server = Server { child, addr };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/healthz", self.addr);
+        for _ in 0..200 {
+            if http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("server at {} did not become healthy", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status(self.pid(), "VmRSS:")
+    }
+
+    /// CPU time used so far (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        cpu_ticks(self.pid())
+    }
+}
+
+/// A private `redis-server` on a free loopback port, killed when dropped.
+pub struct Redis {
+    child: Child,
+    pub url: String,
+}
+
+impl Redis {
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(Redis {
+                    child,
+                    url: format!("redis://127.0.0.1:{port}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("redis-server did not start")
+    }
+
+    pub fn cpu_ticks(&self) -> u64 {
+        cpu_ticks(self.child.id().expect("running"))
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of `pid` and its threads, from `/proc/PID/stat`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5); 12 and 13 after ')'.
+    field(11) + field(12)
+}
+
+/// Clock ticks per second of `/proc` CPU times (Linux: always 100 here).
+pub const TICKS_PER_SECOND: f64 = 100.0;

@@ -1,0 +1,54 @@
+//! A smoke run of every scenario against both servers with small numbers
+//! (`loadtest compare --quick`), so the generator, the Node baseline and
+//! the comparison cannot rot. It checks what the tool reports (complete,
+//! in order, a full table), never how fast anything was.
+
+use std::{path::PathBuf, process::Command};
+
+use serde_json::Value;
+
+/// The channels binary `cargo test --workspace` built beside this test.
+fn channels_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("channels");
+    assert!(
+        bin.exists(),
+        "{} not found: run the workspace's tests (`cargo test --workspace`) or `cargo build` first",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn every_scenario_runs_against_both_servers_and_loses_nothing() {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["compare", "--quick", "--rounds", "1", "--channels-bin"])
+        .arg(channels_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 8, "4 scenarios x 2 servers:\n{stdout}");
+    for r in &results {
+        let what = format!("{} on {}", r["scenario"], r["server"]);
+        assert!(r["notifies"].as_u64().unwrap() > 0, "{what} sent nothing");
+        assert_eq!(r["lost"], 0, "{what}: {r}");
+        assert_eq!(r["out_of_order"], 0, "{what}: {r}");
+        assert_eq!(r["received"], r["expected"], "{what}: {r}");
+    }
+    for scenario in ["idle", "fanout", "targeted", "cluster"] {
+        assert!(
+            stdout.contains(&format!("| {scenario} |")),
+            "{scenario} in the table:\n{stdout}"
+        );
+    }
+}
