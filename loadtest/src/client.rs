@@ -70,6 +70,7 @@ impl Client {
         auth: &str,
     ) -> anyhow::Result<Self> {
         let socket = TcpSocket::new_v4()?;
+        bind_address_no_port(&socket)?;
         socket.bind(SocketAddr::new(sources.next(), 0))?;
         let stream = socket.connect(server).await.context("tcp connect")?;
         stream.set_nodelay(true)?;
@@ -127,5 +128,29 @@ impl Client {
                 Ok(_) => {}
             }
         }
+    }
+}
+
+/// Binding a source address with port 0 makes the kernel pick a port unique
+/// across every destination at `bind` time, a search that slows down as
+/// thousands of sockets are bound. `IP_BIND_ADDRESS_NO_PORT` defers the pick
+/// to `connect`, where only (source, destination) pairs must be unique.
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

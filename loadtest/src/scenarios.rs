@@ -14,7 +14,10 @@ use std::{
 use anyhow::Context;
 use futures_util::{StreamExt, stream};
 use serde_json::json;
-use tokio::{sync::watch, task::JoinSet};
+use tokio::{
+    sync::{Semaphore, mpsc, watch},
+    task::JoinSet,
+};
 
 use crate::{
     client::{Client, Event, Sources},
@@ -62,40 +65,6 @@ fn tokens() -> channels::auth::WsTokens {
     )
 }
 
-/// Connects users `0..n`, user `i` to `servers[i % len]` in `channel(i)`.
-async fn connect_all(
-    servers: &[SocketAddr],
-    n: usize,
-    channel: impl Fn(usize) -> String,
-) -> anyhow::Result<(Vec<Client>, f64)> {
-    let tokens = tokens();
-    let sources = Sources::new();
-    let started = Instant::now();
-    let mut progress = Instant::now();
-    let mut clients = Vec::with_capacity(n);
-    let mut connecting = stream::iter(0..n)
-        .map(|i| {
-            let payload = auth(&tokens, i, &channel(i));
-            let server = servers[i % servers.len()];
-            let sources = &sources;
-            async move {
-                Client::connect(server, sources, &payload)
-                    .await
-                    .with_context(|| format!("socket {i}"))
-            }
-        })
-        .buffered(CONNECT_CONCURRENCY);
-    while let Some(client) = connecting.next().await {
-        clients.push(client?);
-        if progress.elapsed() > Duration::from_secs(5) {
-            eprintln!("  connected {}/{n}", clients.len());
-            progress = Instant::now();
-        }
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    Ok((clients, rate))
-}
-
 /// What the receivers of a run collected.
 struct Received {
     latencies: Latencies,
@@ -103,18 +72,37 @@ struct Received {
     out_of_order: u64,
 }
 
-/// Spawns one receiver task per client. Each records every notification's
-/// latency and checks that sequence numbers only grow, until `stop`.
-fn receive_all(
-    clients: Vec<Client>,
+/// Connects users `0..n`, user `i` to `servers[i % len]` in `channel(i)`,
+/// at most [`CONNECT_CONCURRENCY`] handshakes at a time, each in its own
+/// task. Once connected, a client records every notification's latency and
+/// checks that sequence numbers only grow (calling `each` with them), and
+/// answers pings, until `stop`. Returns once every client is connected,
+/// with the connect rate.
+async fn connect_and_receive(
+    servers: &[SocketAddr],
+    n: usize,
+    channel: impl Fn(usize) -> String,
     stop: &watch::Receiver<bool>,
     each: impl Fn(u64) + Clone + Send + 'static,
-) -> JoinSet<Received> {
+) -> anyhow::Result<(JoinSet<anyhow::Result<Received>>, f64)> {
+    let tokens = tokens();
+    let sources = Arc::new(Sources::new());
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let (connected_tx, mut connected) = mpsc::channel::<()>(CONNECT_CONCURRENCY);
+    let started = Instant::now();
     let mut tasks = JoinSet::new();
-    for mut client in clients {
-        let mut stop = stop.clone();
-        let each = each.clone();
+    for i in 0..n {
+        let payload = auth(&tokens, i, &channel(i));
+        let server = servers[i % servers.len()];
+        let (sources, gate, connected_tx) = (sources.clone(), gate.clone(), connected_tx.clone());
+        let (mut stop, each) = (stop.clone(), each.clone());
         tasks.spawn(async move {
+            let permit = gate.acquire_owned().await.expect("open semaphore");
+            let mut client = Client::connect(server, &sources, &payload)
+                .await
+                .with_context(|| format!("socket {i}"))?;
+            drop(permit);
+            let _ = connected_tx.send(()).await;
             let mut out = Received {
                 latencies: Latencies::new(),
                 received: 0,
@@ -138,25 +126,40 @@ fn receive_all(
                     _ = stop.changed() => break,
                 }
             }
-            out
+            Ok(out)
         });
     }
-    tasks
+    drop(connected_tx);
+    let mut progress = Instant::now();
+    for done in 1..=n {
+        if connected.recv().await.is_none() {
+            // Every sender is gone: a connection failed; its task says why.
+            while let Some(result) = tasks.join_next().await {
+                result.expect("client task")?;
+            }
+            anyhow::bail!("a client task ended before connecting");
+        }
+        if progress.elapsed() > Duration::from_secs(5) {
+            eprintln!("  connected {done}/{n}");
+            progress = Instant::now();
+        }
+    }
+    Ok((tasks, n as f64 / started.elapsed().as_secs_f64()))
 }
 
-async fn collect(mut tasks: JoinSet<Received>) -> Received {
+async fn collect(mut tasks: JoinSet<anyhow::Result<Received>>) -> anyhow::Result<Received> {
     let mut all = Received {
         latencies: Latencies::new(),
         received: 0,
         out_of_order: 0,
     };
     while let Some(r) = tasks.join_next().await {
-        let r = r.expect("receiver task");
+        let r = r.expect("client task")?;
         all.latencies.merge(&r.latencies);
         all.received += r.received;
         all.out_of_order += r.out_of_order;
     }
-    all
+    Ok(all)
 }
 
 /// Posts one notification; returns whether it was accepted.
@@ -176,10 +179,9 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.rss_kib();
     let n = sizes.connections;
-    let (clients, connects_per_s) =
-        connect_all(&[server.addr], n, |i| format!("c{}", i % 10)).await?;
     let (stop_tx, stop) = watch::channel(false);
-    let receivers = receive_all(clients, &stop, |_| {});
+    let (receivers, connects_per_s) =
+        connect_and_receive(&[server.addr], n, |i| format!("c{}", i % 10), &stop, |_| {}).await?;
     // Let the server settle, then read its memory.
     tokio::time::sleep(Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0))).await;
     let after = server.rss_kib();
@@ -201,7 +203,7 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
         .await;
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(true);
-    let got = collect(receivers).await;
+    let got = collect(receivers).await?;
     let accepted = accepted.into_inner();
     Ok(Report {
         connections: n,
@@ -221,21 +223,21 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
 pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
     let server = Server::start(kind, programs, None).await?;
     let n = sizes.connections;
-    let (clients, connects_per_s) = connect_all(&[server.addr], n, |_| "fan".into()).await?;
     // How many sockets have received notification k, for the window.
     let counts: Arc<Vec<AtomicU64>> =
         Arc::new((0..=sizes.notifies).map(|_| AtomicU64::new(0)).collect());
     let complete = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop) = watch::channel(false);
-    let receivers = {
+    let (receivers, connects_per_s) = {
         let (counts, complete) = (counts.clone(), complete.clone());
-        receive_all(clients, &stop, move |k| {
+        let each = move |k: u64| {
             if let Some(c) = counts.get(k as usize)
                 && c.fetch_add(1, Ordering::Relaxed) + 1 == n as u64
             {
                 complete.fetch_add(1, Ordering::Relaxed);
             }
-        })
+        };
+        connect_and_receive(&[server.addr], n, |_| "fan".into(), &stop, each).await?
     };
     let http = reqwest::Client::new();
     let url = format!("http://{}/notify", server.addr);
@@ -267,7 +269,7 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = server.cpu_ticks() - cpu_before;
     let _ = stop_tx.send(true);
-    let got = collect(receivers).await;
+    let got = collect(receivers).await?;
     let expected = accepted * n as u64;
     Ok(Report {
         connections: n,
@@ -306,9 +308,9 @@ pub async fn targeted(
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     let n = sizes.connections;
     let channel = |i: usize| format!("c{}", i % 10);
-    let (clients, connects_per_s) = connect_all(&addrs, n, channel).await?;
     let (stop_tx, stop) = watch::channel(false);
-    let receivers = receive_all(clients, &stop, |_| {});
+    let (receivers, connects_per_s) =
+        connect_and_receive(&addrs, n, channel, &stop, |_| {}).await?;
 
     let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
     let redis_before = redis.as_ref().map_or(0, Redis::cpu_ticks);
@@ -355,7 +357,7 @@ pub async fn targeted(
     let redis_cpu = redis.as_ref().map_or(0, Redis::cpu_ticks) - redis_before;
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(true);
-    let got = collect(receivers).await;
+    let got = collect(receivers).await?;
     let per_notify = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / accepted.max(1) as f64;
     Ok(Report {
         connections: n,
