@@ -2,7 +2,7 @@
 //! payload. HS256 with `CHANNELS_WS_TOKEN_SECRET`, shared by every node so a
 //! token minted by one node is accepted by all.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Serialize;
@@ -16,9 +16,14 @@ pub const WS_AUDIENCE: &str = "channels-ws";
 /// The issuer of every ws token.
 pub const WS_ISSUER: &str = "channels";
 
-/// Mints and verifies ws tokens. Cheap to clone: keys are precomputed once.
+/// Mints and verifies ws tokens. Cheap to clone (an `Arc` inside): keys and
+/// validation settings are built once.
 #[derive(Clone)]
 pub struct WsTokens {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -44,16 +49,18 @@ impl WsTokens {
         // Our own nodes mint these; only their clocks' skew matters.
         validation.leeway = 5;
         Self {
-            encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
-            decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
-            validation,
-            ttl,
+            inner: Arc::new(Inner {
+                encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+                decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
+                validation,
+                ttl,
+            }),
         }
     }
 
     /// The lifetime of the tokens this node mints.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.inner.ttl
     }
 
     /// Mints a ws token for `user`, valid for the configured lifetime.
@@ -64,10 +71,14 @@ impl WsTokens {
             aud: WS_AUDIENCE,
             iss: WS_ISSUER,
             iat: now,
-            exp: now + self.ttl.as_secs(),
+            exp: now + self.inner.ttl.as_secs(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 encoding of plain claims cannot fail")
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.inner.encoding,
+        )
+        .expect("HS256 encoding of plain claims cannot fail")
     }
 
     /// Verifies a ws token and returns its subject.
@@ -75,7 +86,8 @@ impl WsTokens {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)?;
         Ok(data.claims.sub)
     }
 }

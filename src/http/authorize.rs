@@ -1,5 +1,7 @@
 //! `GET /authorize`: trade an upstream access token for a ws token.
 
+use std::sync::Arc;
+
 use axum::{
     Extension, Json,
     extract::State,
@@ -12,7 +14,7 @@ use super::{AppState, ClientAddr, error::ApiError};
 use crate::{auth::TokenError, notification::KeycloakId};
 
 pub async fn authorize(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

@@ -11,7 +11,10 @@ mod error;
 pub mod notify;
 mod ops;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use axum::{
     Router,
@@ -38,8 +41,9 @@ use crate::{
 
 pub use error::ApiError;
 
-/// What the HTTP handlers share. Every field is a cheap-to-clone handle.
-#[derive(Clone)]
+/// What the HTTP handlers share, behind one `Arc`: axum clones the state
+/// for every request, and some fields (the ws-token keys and validation
+/// settings) are not cheap to clone.
 pub struct AppState {
     pub upstream: UpstreamVerifier,
     pub ws_tokens: WsTokens,
@@ -65,7 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
         .fallback(|| async { ApiError::NotFound })
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
 /// The whole node: the client bundle first (socket.io would otherwise take

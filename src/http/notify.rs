@@ -9,6 +9,8 @@
 //! [`parse_body`] and [`NotifyBody::validate`] hold the parsing and
 //! validation, free of HTTP, so the fuzz targets run them directly.
 
+use std::sync::Arc;
+
 use axum::{
     Extension, Json,
     body::Body,
@@ -46,7 +48,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
 }
 
 pub async fn notify(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,

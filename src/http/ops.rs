@@ -1,5 +1,7 @@
 //! Operations endpoints: liveness, readiness and Prometheus metrics.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::State,
@@ -17,7 +19,7 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// `GET /readyz`: 200 while notifications can be published, 503 otherwise
 /// (Redis unreachable, or shutting down).
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if state.bus.is_ready() && !state.shutting_down.is_cancelled() {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {
@@ -38,7 +40,7 @@ pub async fn openapi() -> impl IntoResponse {
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
