@@ -144,6 +144,25 @@ fn compose_mounts_files_that_exist_and_the_dockerfile_checks_health_with_the_bin
     );
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("cargo build --release --locked"));
+    // cargo loads every workspace member's manifest, even to build one binary.
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("a workspace members line");
+    for member in members
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| *m != ".")
+    {
+        assert!(
+            dockerfile.contains(&format!("COPY {member}/Cargo.toml"))
+                && dockerfile.contains(&format!("COPY {member}/src")),
+            "the Dockerfile copies workspace member {member}"
+        );
+    }
     assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/channels", "probe""#));
     assert!(dockerfile.contains("USER 10001"));
 }
