@@ -260,6 +260,15 @@ impl Metrics {
         }
     }
 
+    /// Counts a call or connection refused by `limit` (one of [`LIMITS`]).
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.inner
+            .handles
+            .limit_refusals
+            .with_label_values(&[limit])
+            .inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

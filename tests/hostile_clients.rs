@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use channels::notification::now_us;
 use common::*;
 use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
@@ -231,15 +232,6 @@ async fn floods_of_dropped_and_abandoned_connections_leave_no_trace() {
         assert_eq!(r.status(), 200);
     }
     assert_eq!(node.metric("channels_deliveries_total").await, 0.0);
-}
-
-/// Microseconds since the Unix epoch (the node's and the test's clocks are
-/// the same machine's).
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
 }
 
 /// The `q` quantile of `values`, which it sorts.

@@ -6,14 +6,9 @@ use serde::Serialize;
 
 use crate::servers::Kind;
 
-/// Wall-clock microseconds since the Unix epoch: notifications carry it, so
-/// latency is measured from the `/notify` call to the client's read.
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+/// Wall-clock microseconds: notifications carry it, so latency is measured
+/// from the `/notify` call to the client's read.
+pub use channels::notification::now_us;
 
 /// Notify-to-delivery latencies in microseconds. A plain vector per
 /// receiver (a histogram per socket would cost more than the socket).

@@ -111,12 +111,7 @@ pub(super) async fn authenticate(
     {
         let refusal = ConnectRefusal::TooManySockets;
         connects.with_label_values(&[refusal.label()]).inc();
-        gateway
-            .metrics
-            .handles()
-            .limit_refusals
-            .with_label_values(&["sockets_per_user"])
-            .inc();
+        gateway.metrics.limit_refused("sockets_per_user");
         tracing::info!(sid = %socket.id, request_id, reason = refusal.label(), "socket refused");
         return Err(refusal);
     }

@@ -164,12 +164,7 @@ impl Limiters {
 
     /// Counts a refusal by `limit` (also for the limits enforced elsewhere).
     pub fn refused(&self, limit: &'static str) {
-        self.inner
-            .metrics
-            .handles()
-            .limit_refusals
-            .with_label_values(&[limit])
-            .inc();
+        self.inner.metrics.limit_refused(limit);
     }
 
     /// The address a call comes from: the peer, or the last entry of the
