@@ -1,0 +1,488 @@
+//! The bounded queue of packets waiting to be written to one socket's
+//! transport.
+//!
+//! It replaces a `tokio::sync::mpsc` channel, with the same semantics for
+//! what the socket uses (`try_send`, `send`, `try_reserve` and its permits,
+//! `recv`/`try_recv`/`poll_recv`, `close`, `is_closed`/`closed`), because of
+//! what an idle socket costs: tokio's channel allocates its first block of
+//! 32 slots when it is created, whatever its bound, and a slot here is a
+//! [`PacketBuf`](engineioxide_core::PacketBuf) of 168 bytes, so every socket
+//! held about 5.9 KB (block and channel state) even when nothing was ever
+//! queued. This queue is a `VecDeque` behind a mutex: it allocates on the
+//! first push and gives its buffer back each time the writer drains it, so
+//! an idle socket holds one small allocation.
+//!
+//! The mutex is never held across an `.await` and only for a push or a pop,
+//! so a std mutex is enough. Senders are many threads (every emit); the
+//! receiver is one task at a time (the websocket writer or the polling
+//! request), as the socket's `internal_rx` lock guarantees.
+
+use std::{
+    collections::VecDeque,
+    future::poll_fn,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use futures_util::task::AtomicWaker;
+use tokio::sync::{
+    Notify,
+    mpsc::error::{SendError, TryRecvError, TrySendError},
+};
+
+/// Creates a queue that holds at most `capacity` items, queued or reserved.
+pub(crate) fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            reserved: 0,
+            receiver_closed: false,
+            sender_dropped: false,
+        }),
+        capacity,
+        receiver_waker: AtomicWaker::new(),
+        closed: Notify::new(),
+        room: Notify::new(),
+        waiting_senders: AtomicUsize::new(0),
+    });
+    (
+        Sender {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+/// The sending side, shared by every thread that emits to the socket.
+pub(crate) struct Sender<T> {
+    shared: Arc<Shared<T>>,
+}
+
+/// The receiving side, held by the transport that writes to the client.
+pub(crate) struct Receiver<T> {
+    shared: Arc<Shared<T>>,
+}
+
+/// A slot reserved in the queue: [`Permit::send`] fills it without a
+/// second capacity check; dropping the permit gives the slot back.
+pub(crate) struct Permit<'a, T> {
+    shared: &'a Shared<T>,
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    capacity: usize,
+    /// The receiver's task, woken by a push or by the sender going away.
+    receiver_waker: AtomicWaker,
+    /// Wakes [`Sender::closed`] when the receiver closes or is dropped.
+    closed: Notify,
+    /// Wakes [`Sender::send`] when a slot frees up or the receiver closes.
+    room: Notify,
+    /// Senders waiting in [`Sender::send`], so the receiver only touches
+    /// `room` (which takes a lock) when someone waits: almost never, since
+    /// every sender but the transport upgrade uses `try_send`.
+    waiting_senders: AtomicUsize,
+}
+
+struct State<T> {
+    queue: VecDeque<T>,
+    /// Slots held by permits not yet used: they count against the capacity
+    /// and keep the receiver waiting after [`Receiver::close`].
+    reserved: usize,
+    receiver_closed: bool,
+    sender_dropped: bool,
+}
+
+impl<T> Shared<T> {
+    /// Locks the state. No code panics while holding the lock, but if some
+    /// did, the queue stays usable: its state is consistent after every
+    /// single operation.
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<T> Shared<T> {
+    /// Tells a sender waiting in [`Sender::send`] to try again.
+    fn wake_waiting_senders(&self) {
+        if self.waiting_senders.load(Ordering::Acquire) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+impl<T> State<T> {
+    fn has_room(&self, capacity: usize) -> bool {
+        self.queue.len() + self.reserved < capacity
+    }
+
+    /// Called when the receiver found the queue empty: gives the buffer back,
+    /// so a socket holds no queue memory between bursts.
+    fn release_buffer(&mut self) {
+        if self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
+    }
+}
+
+impl<T> Sender<T> {
+    /// Queues `value` now, or gives it back if the queue is full or closed.
+    pub(crate) fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
+        {
+            let mut state = self.shared.lock();
+            if state.receiver_closed {
+                return Err(TrySendError::Closed(value));
+            }
+            if !state.has_room(self.shared.capacity) {
+                return Err(TrySendError::Full(value));
+            }
+            state.queue.push_back(value);
+        }
+        self.shared.receiver_waker.wake();
+        Ok(())
+    }
+
+    /// Queues `value`, waiting for a free slot; gives it back if the
+    /// receiver is closed.
+    pub(crate) async fn send(&self, mut value: T) -> Result<(), SendError<T>> {
+        let _waiting = WaitingSender::count(&self.shared.waiting_senders);
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            // Registered before the attempt, so a slot freed between the
+            // attempt and the await still wakes us.
+            room.as_mut().enable();
+            match self.try_send(value) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed(v)) => return Err(SendError(v)),
+                Err(TrySendError::Full(v)) => value = v,
+            }
+            room.await;
+        }
+    }
+
+    /// Reserves a slot, or says why there is none.
+    pub(crate) fn try_reserve(&self) -> Result<Permit<'_, T>, TrySendError<()>> {
+        let mut state = self.shared.lock();
+        if state.receiver_closed {
+            return Err(TrySendError::Closed(()));
+        }
+        if !state.has_room(self.shared.capacity) {
+            return Err(TrySendError::Full(()));
+        }
+        state.reserved += 1;
+        Ok(Permit {
+            shared: &self.shared,
+        })
+    }
+
+    /// Whether the receiver has closed or gone: nothing sent will be read.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.lock().receiver_closed
+    }
+
+    /// Waits until the receiver has closed or gone.
+    pub(crate) async fn closed(&self) {
+        loop {
+            let notified = self.shared.closed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close between the check and
+            // the await still wakes us.
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counts a sender in [`Shared::waiting_senders`] for as long as it lives,
+/// however its `send` future ends (sent, refused, or dropped while waiting).
+struct WaitingSender<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingSender<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        Self(waiting)
+    }
+}
+
+impl Drop for WaitingSender<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        self.shared.lock().sender_dropped = true;
+        self.shared.receiver_waker.wake();
+    }
+}
+
+impl<T> Permit<'_, T> {
+    /// Fills the reserved slot. As with tokio's permits, this succeeds even
+    /// if the receiver closed meanwhile: a closed receiver still drains what
+    /// was queued or reserved before it closed.
+    pub(crate) fn send(self, value: T) {
+        {
+            let mut state = self.shared.lock();
+            state.reserved -= 1;
+            state.queue.push_back(value);
+        }
+        self.shared.receiver_waker.wake();
+        std::mem::forget(self);
+    }
+}
+
+impl<T> Drop for Permit<'_, T> {
+    fn drop(&mut self) {
+        self.shared.lock().reserved -= 1;
+        // A closed receiver may be waiting for the last permit to resolve.
+        self.shared.receiver_waker.wake();
+        self.shared.wake_waiting_senders();
+    }
+}
+
+impl<T> Receiver<T> {
+    /// The next item, or `None` once the sender is gone, or the receiver is
+    /// closed, and everything queued or reserved has been received.
+    pub(crate) async fn recv(&mut self) -> Option<T> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Receiver::recv`] for a hand-written future or stream.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut state = self.shared.lock();
+        if let Some(value) = state.queue.pop_front() {
+            drop(state);
+            self.shared.wake_waiting_senders();
+            return Poll::Ready(Some(value));
+        }
+        state.release_buffer();
+        if state.sender_dropped || (state.receiver_closed && state.reserved == 0) {
+            return Poll::Ready(None);
+        }
+        // Registered under the lock: a push after it is unlocked wakes us.
+        self.shared.receiver_waker.register(cx.waker());
+        Poll::Pending
+    }
+
+    /// The next item if one is queued now.
+    pub(crate) fn try_recv(&mut self) -> Result<T, TryRecvError> {
+        let mut state = self.shared.lock();
+        if let Some(value) = state.queue.pop_front() {
+            drop(state);
+            self.shared.wake_waiting_senders();
+            return Ok(value);
+        }
+        state.release_buffer();
+        if state.sender_dropped || (state.receiver_closed && state.reserved == 0) {
+            Err(TryRecvError::Disconnected)
+        } else {
+            Err(TryRecvError::Empty)
+        }
+    }
+
+    /// Refuses new items; what is queued or reserved can still be received.
+    pub(crate) fn close(&mut self) {
+        self.shared.lock().receiver_closed = true;
+        self.shared.closed.notify_waiters();
+        self.shared.wake_waiting_senders();
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        let queued = {
+            let mut state = self.shared.lock();
+            state.receiver_closed = true;
+            std::mem::take(&mut state.queue)
+        };
+        // Dropped outside the lock: an item's own drop may be arbitrary code.
+        drop(queued);
+        self.shared.closed.notify_waiters();
+        self.shared.wake_waiting_senders();
+    }
+}
+
+impl<T> std::fmt::Debug for Sender<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").finish_non_exhaustive()
+    }
+}
+
+impl<T> std::fmt::Debug for Receiver<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn items_arrive_in_order_and_the_bound_counts_permits() {
+        let (tx, mut rx) = channel(3);
+        tx.try_send(1).unwrap();
+        let permit = tx.try_reserve().unwrap();
+        tx.try_send(3).unwrap();
+        assert!(matches!(tx.try_send(4), Err(TrySendError::Full(4))));
+        assert!(matches!(tx.try_reserve(), Err(TrySendError::Full(()))));
+        permit.send(2);
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(rx.try_recv(), Ok(3));
+        assert_eq!(rx.try_recv(), Ok(2));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        tx.try_send(5).unwrap();
+        assert_eq!(rx.recv().await, Some(5));
+    }
+
+    #[tokio::test]
+    async fn send_waits_for_a_free_slot_or_the_close() {
+        let (tx, mut rx) = channel(1);
+        let tx = Arc::new(tx);
+        tx.try_send(1).unwrap();
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the queue is full");
+        assert_eq!(rx.recv().await, Some(1));
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(sent.expect("a slot freed").unwrap(), Ok(()));
+        assert_eq!(rx.recv().await, Some(2));
+
+        tx.try_send(3).unwrap();
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(4).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        rx.close();
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(sent.expect("the close").unwrap(), Err(SendError(4)));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_permit_gives_its_slot_back() {
+        let (tx, mut rx) = channel(1);
+        drop(tx.try_reserve().unwrap());
+        tx.try_send(1).unwrap();
+        assert_eq!(rx.recv().await, Some(1));
+    }
+
+    #[tokio::test]
+    async fn the_buffer_is_given_back_once_drained() {
+        let (tx, mut rx) = channel(256);
+        for i in 0..100 {
+            tx.try_send(i).unwrap();
+        }
+        assert!(rx.shared.lock().queue.capacity() >= 100);
+        while rx.try_recv().is_ok() {}
+        assert_eq!(rx.shared.lock().queue.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_wakes_for_an_item_sent_from_another_task() {
+        let (tx, mut rx) = channel(4);
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.try_send(7).unwrap();
+            tx
+        });
+        assert_eq!(rx.recv().await, Some(7));
+        drop(sender.await.unwrap());
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn close_refuses_new_items_but_drains_queued_and_reserved_ones() {
+        let (tx, mut rx) = channel(4);
+        tx.try_send(1).unwrap();
+        let permit = tx.try_reserve().unwrap();
+        rx.close();
+        assert!(tx.is_closed());
+        assert!(matches!(tx.try_send(9), Err(TrySendError::Closed(9))));
+        assert!(matches!(tx.try_reserve(), Err(TrySendError::Closed(()))));
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        permit.send(2);
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn closed_resolves_when_the_receiver_closes_or_goes() {
+        let (tx, mut rx) = channel::<u8>(4);
+        let waiting = tokio::spawn(async move {
+            tx.closed().await;
+            tx
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        rx.close();
+        let tx = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("closed() resolves")
+            .unwrap();
+        tx.closed().await;
+
+        let (tx, rx) = channel::<u8>(4);
+        let waiting = tokio::spawn(async move { tx.closed().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("closed() resolves")
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_item_is_lost_or_duplicated_under_concurrent_senders() {
+        let (tx, mut rx) = channel::<u64>(64);
+        let tx = Arc::new(tx);
+        let senders: Vec<_> = (0..4u64)
+            .map(|s| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while i < 10_000 {
+                        let sent = if i % 2 == 0 {
+                            tx.try_send(s * 1_000_000 + i).is_ok()
+                        } else {
+                            tx.try_reserve().map(|p| p.send(s * 1_000_000 + i)).is_ok()
+                        };
+                        if sent {
+                            i += 1;
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u64; 4];
+        for _ in 0..40_000 {
+            let v = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("no lost wake-up")
+                .expect("sender alive");
+            let (s, i) = ((v / 1_000_000) as usize, v % 1_000_000);
+            assert_eq!(i, next[s], "each sender's items arrive once, in order");
+            next[s] += 1;
+        }
+        for s in senders {
+            s.await.unwrap();
+        }
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+    }
+}
