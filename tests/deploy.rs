@@ -157,9 +157,11 @@ fn compose_mounts_files_that_exist_and_the_dockerfile_checks_health_with_the_bin
         .map(|m| m.trim().trim_matches('"'))
         .filter(|m| *m != ".")
     {
+        let whole = dockerfile.contains(&format!("COPY {member} ./{member}\n"));
+        let manifest_and_sources = dockerfile.contains(&format!("COPY {member}/Cargo.toml"))
+            && dockerfile.contains(&format!("COPY {member}/src"));
         assert!(
-            dockerfile.contains(&format!("COPY {member}/Cargo.toml"))
-                && dockerfile.contains(&format!("COPY {member}/src")),
+            whole || manifest_and_sources,
             "the Dockerfile copies workspace member {member}"
         );
     }
