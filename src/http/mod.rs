@@ -105,8 +105,9 @@ where
 pub struct ClientAddr(pub IpAddr);
 
 /// Finds the client's address and applies the connection rate to engine.io
-/// handshakes: a request under `/socket.io/` without a session id opens a
-/// new connection; the requests of an open session pass freely.
+/// handshakes: an engine.io request (`EIO=` in the query) under
+/// `/socket.io/` without a session id opens a new connection; the requests
+/// of an open session, and the client bundle, pass freely.
 async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Next) -> Response {
     let peer = request
         .extensions()
@@ -114,12 +115,10 @@ async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Nex
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.0.ip());
     let client = limiters.client_address(request.headers(), peer);
     let uri = request.uri();
+    let mut query = uri.query().unwrap_or_default().split('&');
     let handshake = uri.path().starts_with("/socket.io/")
-        && !uri
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .any(|pair| pair.starts_with("sid="));
+        && query.clone().any(|pair| pair.starts_with("EIO="))
+        && !query.any(|pair| pair.starts_with("sid="));
     if handshake {
         if let Err(refused) = limiters.check_connect(client) {
             tracing::info!(client = %client, "connection refused: rate limit");
@@ -131,20 +130,29 @@ async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Nex
     next.run(request).await
 }
 
-/// Copies the URI and headers of an engine.io handshake into allocations of
-/// their own. hyper parses them as slices of the connection's read buffer
-/// (8 to 16 KiB), and engineioxide keeps the handshake's request head for
-/// the connection's whole life, so without the copy every idle socket pins
-/// that buffer: a few hundred bytes of copies instead of kilobytes.
+/// The handshake headers a socket still needs once it is open: engineioxide
+/// answers the websocket upgrade with the key, and our logs carry the
+/// request id. Everything else has been read by then (CORS, the client
+/// address, the rate limit).
+const SOCKET_HEADERS: [HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, REQUEST_ID];
+
+/// Copies what a socket keeps of its engine.io handshake, the URI and the
+/// [`SOCKET_HEADERS`], into allocations of their own, and drops the rest.
+///
+/// engineioxide keeps the handshake's request head for the socket's whole
+/// life. hyper parses the URI and headers as slices of the connection's read
+/// buffer (8 to 16 KiB), so without the copy every idle socket pins that
+/// buffer; and a browser's headers (cookies above all) would be kept too:
+/// kilobytes per socket, and credentials held in memory for nothing.
 fn detach_head(request: &mut Request) {
-    let headers: HeaderMap = request
-        .headers()
-        .iter()
-        .filter_map(|(name, value)| {
-            let name = HeaderName::from_bytes(name.as_str().as_bytes()).ok()?;
-            Some((name, HeaderValue::from_bytes(value.as_bytes()).ok()?))
-        })
-        .collect();
+    let mut headers = HeaderMap::with_capacity(SOCKET_HEADERS.len());
+    for name in SOCKET_HEADERS {
+        if let Some(value) = request.headers().get(&name)
+            && let Ok(copy) = HeaderValue::from_bytes(value.as_bytes())
+        {
+            headers.insert(name, copy);
+        }
+    }
     *request.headers_mut() = headers;
     if let Ok(uri) = Uri::try_from(request.uri().to_string()) {
         *request.uri_mut() = uri;
@@ -192,4 +200,33 @@ fn cors(config: &Config) -> Option<CorsLayer> {
                 HeaderName::from_static("x-api-key"),
             ]),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+
+    use super::*;
+
+    #[test]
+    fn a_handshake_keeps_only_the_headers_its_socket_needs() {
+        let mut request = Request::builder()
+            .uri("/socket.io/?EIO=4&transport=websocket")
+            .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+            .header(REQUEST_ID, "req-1")
+            .header(header::COOKIE, "session=secret")
+            .header(header::AUTHORIZATION, "Bearer secret")
+            .header(header::USER_AGENT, "Mozilla/5.0")
+            .body(Body::empty())
+            .unwrap();
+        detach_head(&mut request);
+        let headers = request.headers();
+        assert_eq!(headers.len(), 2);
+        assert_eq!(
+            headers[header::SEC_WEBSOCKET_KEY],
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
+        assert_eq!(headers[REQUEST_ID], "req-1");
+        assert_eq!(request.uri(), "/socket.io/?EIO=4&transport=websocket");
+    }
 }
