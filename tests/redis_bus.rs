@@ -13,12 +13,18 @@ const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(300);
 
 async fn cluster_node(redis: &RedisServer) -> TestNode {
-    let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
+    let node = redis_node(redis).await;
     assert!(
         eventually(WAIT, async || node_ready(&node).await).await,
         "node did not become ready"
     );
     node
+}
+
+/// A node on `redis`, whose sockets outlive the outages these tests make.
+async fn redis_node(redis: &RedisServer) -> TestNode {
+    let [interval, timeout] = HEARTBEAT_LONGER_THAN_OUTAGES;
+    start(&[("CHANNELS_REDIS_URL", &redis.url()), interval, timeout]).await
 }
 
 #[tokio::test]
@@ -212,7 +218,7 @@ async fn a_redis_outage_answers_503_keeps_sockets_and_heals_by_itself() {
 async fn a_node_started_while_redis_is_down_becomes_ready_when_it_appears() {
     let mut redis = RedisServer::start();
     redis.kill();
-    let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
+    let node = redis_node(&redis).await;
     assert!(!node_ready(&node).await);
     let mut socket = node.socket("early", "admin").await;
     redis.restart();

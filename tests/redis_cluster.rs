@@ -14,9 +14,13 @@ const QUIET: Duration = Duration::from_millis(300);
 
 async fn cluster_node(cluster: &RedisCluster) -> TestNode {
     let urls = cluster.urls();
+    let [interval, timeout] = HEARTBEAT_LONGER_THAN_OUTAGES;
     let node = start(&[
         ("CHANNELS_REDIS_URL", &urls),
         ("CHANNELS_REDIS_CLUSTER", "true"),
+        // The sockets outlive the outage these tests make.
+        interval,
+        timeout,
     ])
     .await;
     assert!(eventually(Duration::from_secs(10), async || node_ready(&node).await).await);

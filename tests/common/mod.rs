@@ -27,6 +27,16 @@ pub struct TestNode {
     pub http: reqwest::Client,
 }
 
+/// A heartbeat longer than any outage a test makes, for tests whose
+/// clients read nothing while Redis is away: [`SioClient`] answers pings
+/// only while it reads, and the fast test heartbeat (2 s + 2 s) would
+/// close such a socket when an outage lasts a few seconds (it did, under
+/// load, and the notification after the outage found no socket).
+pub const HEARTBEAT_LONGER_THAN_OUTAGES: [(&str, &str); 2] = [
+    ("CHANNELS_PING_INTERVAL", "60"),
+    ("CHANNELS_PING_TIMEOUT", "60"),
+];
+
 /// The test configuration: HS256 upstream tokens, two API keys, a fast
 /// heartbeat; `overrides` replace or add variables.
 pub fn config(overrides: &[(&str, &str)]) -> Config {
