@@ -23,7 +23,7 @@ use tokio_tungstenite::{
 };
 use tokio_util::future::FutureExt as _;
 
-use engineioxide_core::{Packet, ProtocolVersion, Sid, Str, TransportType};
+use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Sid, Str, TransportType};
 
 use crate::{
     DisconnectReason, Socket, body::ResponseBody, config::EngineIoConfig, engine::EngineIo,
@@ -117,53 +117,11 @@ pub async fn on_init<H: EngineIoHandler, S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(engine.config.ws_read_buffer_size)
-        .max_message_size(Some(engine.config.ws_max_message_size))
-        .max_frame_size(Some(engine.config.ws_max_frame_size));
-
-    let ws_init = move || WebSocketStream::from_raw_socket(conn, Role::Server, Some(ws_config));
-    let (socket, ws) = if let Some(sid) = sid {
-        match engine.get_socket(sid) {
-            None => return Err(Error::UnknownSessionID(sid)),
-            Some(socket) if socket.is_ws() => return Err(Error::MultipleWebsocketRequests),
-            Some(socket) => {
-                let mut ws = ws_init().await;
-
-                let upgrade_fut = upgrade_handshake::<H, S>(&socket, &mut ws);
-                match tokio::time::timeout(engine.config.upgrade_timeout, upgrade_fut)
-                    .with_cancellation_token(&socket.cancellation_token)
-                    .await
-                {
-                    Some(Ok(res)) => res?,
-                    Some(Err(_)) => {
-                        #[cfg(feature = "tracing")]
-                        tracing::debug!(?sid, "ws upgrade timed out, closing session");
-                        engine.close_session(socket.id, DisconnectReason::TransportError);
-                        return Err(Error::Upgrade);
-                    }
-                    None => {
-                        #[cfg(feature = "tracing")]
-                        tracing::debug!(?sid, "socket is being closed");
-                        return Err(Error::Upgrade);
-                    }
-                }
-                (socket, ws)
-            }
-        }
-    } else {
-        let socket = engine.create_session(protocol, TransportType::Websocket, req_data, false);
-
-        #[cfg(feature = "tracing")]
-        tracing::debug!("new websocket connection");
-
-        let mut ws = ws_init().await;
-        init_handshake(socket.id, &mut ws, &engine.config).await?;
-        socket
-            .clone()
-            .spawn_heartbeat(engine.config.ping_interval, engine.config.ping_timeout);
-        (socket, ws)
-    };
+    // The setup is boxed and freed once done: its futures (the upgrade's
+    // timeout and handshake above all) would otherwise size this future,
+    // which lives as long as the connection, at about twice what reading
+    // the websocket needs.
+    let (socket, ws) = Box::pin(open(&engine, conn, protocol, sid, req_data)).await?;
     let (tx, rx) = ws.split();
 
     // Pipe between websocket and internal socket channel.
@@ -195,6 +153,67 @@ where
     Ok(())
 }
 
+/// Opens the websocket session: a new one with its OPEN packet and its
+/// heartbeat, or the upgrade of a polling session (`sid`).
+async fn open<H: EngineIoHandler, S>(
+    engine: &Arc<EngineIo<H>>,
+    conn: S,
+    protocol: ProtocolVersion,
+    sid: Option<Sid>,
+    req_data: Parts,
+) -> Result<(Arc<Socket<H::Data>>, WebSocketStream<S>), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(engine.config.ws_read_buffer_size)
+        .max_message_size(Some(engine.config.ws_max_message_size))
+        .max_frame_size(Some(engine.config.ws_max_frame_size));
+
+    let ws_init = move || WebSocketStream::from_raw_socket(conn, Role::Server, Some(ws_config));
+    if let Some(sid) = sid {
+        match engine.get_socket(sid) {
+            None => Err(Error::UnknownSessionID(sid)),
+            Some(socket) if socket.is_ws() => Err(Error::MultipleWebsocketRequests),
+            Some(socket) => {
+                let mut ws = ws_init().await;
+
+                let upgrade_fut = upgrade_handshake::<H, S>(&socket, &mut ws);
+                match tokio::time::timeout(engine.config.upgrade_timeout, upgrade_fut)
+                    .with_cancellation_token(&socket.cancellation_token)
+                    .await
+                {
+                    Some(Ok(res)) => res?,
+                    Some(Err(_)) => {
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(?sid, "ws upgrade timed out, closing session");
+                        engine.close_session(socket.id, DisconnectReason::TransportError);
+                        return Err(Error::Upgrade);
+                    }
+                    None => {
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(?sid, "socket is being closed");
+                        return Err(Error::Upgrade);
+                    }
+                }
+                Ok((socket, ws))
+            }
+        }
+    } else {
+        let socket = engine.create_session(protocol, TransportType::Websocket, req_data, false);
+
+        #[cfg(feature = "tracing")]
+        tracing::debug!("new websocket connection");
+
+        let mut ws = ws_init().await;
+        init_handshake(socket.id, &mut ws, &engine.config).await?;
+        socket
+            .clone()
+            .spawn_heartbeat(engine.config.ping_interval, engine.config.ping_timeout);
+        Ok((socket, ws))
+    }
+}
+
 /// Forwards all packets received from a websocket to a EngineIo [`Socket`]
 async fn forward_to_handler<H: EngineIoHandler, S>(
     engine: &Arc<EngineIo<H>>,
@@ -214,8 +233,8 @@ where
                     break;
                 }
                 Packet::Pong | Packet::Ping => {
-                    // A full channel means that the client is already known to be alive.
-                    socket.heartbeat_tx.try_send(()).ok();
+                    // A signal already pending means that the client is already known to be alive.
+                    socket.heartbeat.notify_one();
                     Ok::<(), Error>(())
                 }
                 Packet::Message(msg) => {
@@ -273,69 +292,33 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         ..
     } = &mut *internal_rx;
 
-    // map a packet to a websocket message
-    // It is declared as a macro rather than a closure to avoid ownership issues
-    macro_rules! map_fn {
-            ($item:ident) => {
-                let res = match $item {
-                    Packet::Binary(bin) | Packet::BinaryV3(bin) => {
-                        if socket.protocol == ProtocolVersion::V3 {
-                            // v3 protocol requires packet type as the first byte.
-                            // This requires a new buffer. This is OK as it is only for the V3 protocol.
-                            let mut buff = Vec::with_capacity(bin.len() + 1);
-                            buff.push(0x04);
-                            buff.extend(bin);
-                            tx.feed(Message::Binary(buff.into())).await
-                        } else {
-                            tx.feed(Message::Binary(bin)).await
-                        }
-                    }
-                    // A Noop Packet maybe sent by the server to upgrade from a polling connection
-                    // In the case that the packet was not poll in time it will remain in the buffer and therefore
-                    // it should be discarded here
-                    Packet::Noop => Ok(()),
-                    _ => {
-                        let packet: String = $item.try_into().unwrap();
-                        tx.feed(Message::Text(packet.into())).await
-                    }
-                };
-                if let Err(_e) = res {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
-                }
-            };
-        }
-
     // Forward buffered packets until the channel is closed or the session is cancelled.
+    // Every packet goes through the one `feed_packets` await below: this
+    // future lives as long as the connection, and each await point with its
+    // own locals would make it larger.
     loop {
-        tokio::select! {
+        let (packets, buffered) = tokio::select! {
             biased;
-            items = buffered_rx.recv() => {
-                match items {
-                    Some(packets) => {
-                        for item in packets {
-                            map_fn!(item);
-                        }
-                        while let Ok(packets) = buffered_rx.try_recv() {
-                            for item in packets {
-                                map_fn!(item);
-                            }
-                        }
-                    }
-                    None => break
-                }
-            }
+            items = buffered_rx.recv() => match items {
+                Some(packets) => (Some(packets), true),
+                None => break,
+            },
             _ = socket.cancellation_token.cancelled() => break,
             Ok(()) = volatile_rx.changed() => {
                 let val = volatile_rx.borrow_and_update().clone();
-                if let Some(packets) = val {
-                    #[cfg(feature = "tracing")]
+                #[cfg(feature = "tracing")]
+                if let Some(packets) = &val {
                     tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    for item in packets {
-                        map_fn!(item);
-                    }
                 }
+                (val, false)
             },
+        };
+        let mut next = packets;
+        while let Some(packets) = next {
+            feed_packets(&mut tx, socket.protocol, packets, socket.id).await;
+            // After a buffered packet, everything else already queued goes
+            // in the same flush.
+            next = buffered.then(|| buffered_rx.try_recv().ok()).flatten();
         }
 
         #[cfg(feature = "tracing")]
@@ -349,6 +332,50 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
     tx.flush().await.ok();
     tx.close().await.ok();
 }
+
+/// Feeds the websocket messages of `packets` to `tx`, without flushing.
+async fn feed_packets<S>(
+    tx: &mut SplitSink<WebSocketStream<S>, Message>,
+    protocol: ProtocolVersion,
+    packets: PacketBuf,
+    _sid: Sid,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    for packet in packets {
+        let Some(message) = packet_message(protocol, packet) else {
+            continue;
+        };
+        if let Err(_e) = tx.feed(message).await {
+            #[cfg(feature = "tracing")]
+            tracing::debug!("[sid={_sid}] error sending packet: {_e}");
+        }
+    }
+}
+
+/// The websocket message of a packet, if it has one.
+fn packet_message(protocol: ProtocolVersion, packet: Packet) -> Option<Message> {
+    match packet {
+        Packet::Binary(bin) | Packet::BinaryV3(bin) => {
+            if protocol == ProtocolVersion::V3 {
+                // v3 protocol requires packet type as the first byte.
+                // This requires a new buffer. This is OK as it is only for the V3 protocol.
+                let mut buff = Vec::with_capacity(bin.len() + 1);
+                buff.push(0x04);
+                buff.extend(bin);
+                Some(Message::Binary(buff.into()))
+            } else {
+                Some(Message::Binary(bin))
+            }
+        }
+        // A Noop Packet maybe sent by the server to upgrade from a polling connection
+        // In the case that the packet was not poll in time it will remain in the buffer and therefore
+        // it should be discarded here
+        Packet::Noop => None,
+        packet => Some(Message::Text(String::from(packet).into())),
+    }
+}
+
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
 async fn init_handshake<S>(
     sid: Sid,
