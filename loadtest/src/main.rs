@@ -102,6 +102,7 @@ impl Scenario {
             seconds: if quick { 1.0 } else { 10.0 },
             notifies: if quick { 50 } else { 2000 },
             window: 16,
+            rate: 0.0,
         }
     }
 
@@ -117,6 +118,8 @@ impl Scenario {
                 ("deliveries/s", |r| r.deliveries_per_s),
                 ("p99 ms", |r| r.p99_ms),
                 ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
+                ("cores busy: server", |r| r.server_cores),
+                ("cores busy: generator", |r| r.generator_cores),
             ],
             Scenario::Targeted | Scenario::Cluster => vec![
                 ("notifies/s", |r| r.notifies_per_s),
@@ -124,6 +127,8 @@ impl Scenario {
                 ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
                 ("lost", |r| r.lost as f64),
                 ("out of order", |r| r.out_of_order as f64),
+                ("cores busy: server", |r| r.server_cores),
+                ("cores busy: generator", |r| r.generator_cores),
             ],
         }
     }

@@ -60,6 +60,11 @@ pub struct Report {
     /// Server CPU time (all nodes) per accepted notify.
     pub server_cpu_us_per_notify: f64,
     pub redis_cpu_us_per_notify: Option<f64>,
+    /// Cores the servers (all nodes) kept busy while notifies were posted:
+    /// CPU seconds over wall seconds.
+    pub server_cores: f64,
+    /// Cores the generator kept busy meanwhile, measured the same way.
+    pub generator_cores: f64,
     pub seconds: f64,
 }
 
@@ -80,7 +85,7 @@ impl Report {
     /// One line for people, one `RESULT` line for programs.
     pub fn print(&self) {
         println!(
-            "{:<8} {:<8} conns {:>6} ({:>6.0}/s) rss/conn {:>5.1} KiB | notifies {:>7} ({:>8.0}/s) deliveries/s {:>9.0} | lost {} ooo {} | p50 {:.2} p99 {:.2} max {:.2} ms | cpu {:.0} µs/notify",
+            "{:<8} {:<8} conns {:>6} ({:>6.0}/s) rss/conn {:>5.1} KiB | notifies {:>7} ({:>8.0}/s) deliveries/s {:>9.0} | lost {} ooo {} | p50 {:.2} p99 {:.2} max {:.2} ms | cpu {:.0} µs/notify | cores busy: server {:.2} generator {:.2}",
             self.scenario,
             format!("{:?}", self.server.unwrap_or(Kind::Channels)).to_lowercase(),
             self.connections,
@@ -95,6 +100,8 @@ impl Report {
             self.p99_ms,
             self.max_ms,
             self.server_cpu_us_per_notify,
+            self.server_cores,
+            self.generator_cores,
         );
         println!(
             "RESULT {}",

@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     client::{Client, Event, Sources},
     report::{Latencies, Report, now_us},
-    servers::{API_KEY, Kind, Programs, Redis, Server, TICKS_PER_SECOND},
+    servers::{API_KEY, Kind, Programs, Redis, Server, TICKS_PER_SECOND, generator_cpu_ticks},
 };
 
 /// Handshakes in flight at once while connecting.
@@ -49,6 +49,11 @@ pub struct Sizes {
     /// Fanout: notifications not yet received by every socket, at most.
     #[arg(long, default_value_t = 16)]
     pub window: u64,
+    /// Fanout: notifications per second, at most (0: as fast as the window
+    /// allows). Below saturation, the latency is the server's, not the
+    /// window's queueing.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 /// The ws-token `auth` payload of user `i` in `channel`.
@@ -219,7 +224,8 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
 }
 
 /// `connections` sockets in one channel; variant-1 notifications as fast as
-/// the window allows (at most `window` not yet received by every socket).
+/// the window allows (at most `window` not yet received by every socket),
+/// or paced at `rate` per second.
 pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
     let server = Server::start(kind, programs, None).await?;
     let n = sizes.connections;
@@ -242,6 +248,7 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
     let http = reqwest::Client::new();
     let url = format!("http://{}/notify", server.addr);
     let cpu_before = server.cpu_ticks();
+    let generator_before = generator_cpu_ticks();
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(sizes.seconds.max(1.0) * 6.0);
     let mut accepted = 0;
@@ -256,6 +263,10 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
         if Instant::now() > deadline {
             break;
         }
+        if sizes.rate > 0.0 {
+            let due = started + Duration::from_secs_f64((k - 1) as f64 / sizes.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let body = json!({"channel": "fan", "msg": {"t": now_us(), "n": k}});
         if post(&http, &url, body).await {
             accepted += 1;
@@ -268,6 +279,7 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = server.cpu_ticks() - cpu_before;
+    let generator_cpu = generator_cpu_ticks() - generator_before;
     let _ = stop_tx.send(true);
     let got = collect(receivers).await?;
     let expected = accepted * n as u64;
@@ -282,6 +294,8 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
         lost: expected.saturating_sub(got.received),
         out_of_order: got.out_of_order,
         server_cpu_us_per_notify: cpu as f64 / TICKS_PER_SECOND * 1e6 / accepted.max(1) as f64,
+        server_cores: cores(cpu, elapsed),
+        generator_cores: cores(generator_cpu, elapsed),
         seconds: elapsed,
         ..Report::new("fanout", kind, got.latencies)
     })
@@ -314,6 +328,7 @@ pub async fn targeted(
 
     let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
     let redis_before = redis.as_ref().map_or(0, Redis::cpu_ticks);
+    let generator_before = generator_cpu_ticks();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(sizes.seconds);
     let http = reqwest::Client::new();
@@ -355,6 +370,7 @@ pub async fn targeted(
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = servers.iter().map(Server::cpu_ticks).sum::<u64>() - cpu_before;
     let redis_cpu = redis.as_ref().map_or(0, Redis::cpu_ticks) - redis_before;
+    let generator_cpu = generator_cpu_ticks() - generator_before;
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(true);
     let got = collect(receivers).await?;
@@ -372,6 +388,8 @@ pub async fn targeted(
         out_of_order: got.out_of_order,
         server_cpu_us_per_notify: per_notify(cpu),
         redis_cpu_us_per_notify: redis.as_ref().map(|_| per_notify(redis_cpu)),
+        server_cores: cores(cpu, elapsed),
+        generator_cores: cores(generator_cpu, elapsed),
         seconds: elapsed,
         ..Report::new(
             if nodes > 1 { "cluster" } else { "targeted" },
@@ -379,4 +397,9 @@ pub async fn targeted(
             got.latencies,
         )
     })
+}
+
+/// CPU `ticks` spent over `seconds` of wall time, in cores.
+fn cores(ticks: u64, seconds: f64) -> f64 {
+    ticks as f64 / TICKS_PER_SECOND / seconds.max(1e-9)
 }

@@ -172,6 +172,13 @@ fn proc_status(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the generator itself (this process) used so far, in clock
+/// ticks: it shares the machine with the servers, so a run whose servers
+/// and generator together keep every core busy is bound by the machine.
+pub fn generator_cpu_ticks() -> u64 {
+    cpu_ticks(std::process::id())
+}
+
 /// utime + stime of `pid` and its threads, from `/proc/PID/stat`.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -52,3 +52,31 @@ fn every_scenario_runs_against_both_servers_and_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn a_paced_fanout_posts_no_faster_than_its_rate() {
+    let (notifies, rate) = (20, 20.0);
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["run", "fanout", "--connections", "20", "--notifies"])
+        .arg(notifies.to_string())
+        .args(["--rate", &rate.to_string(), "--channels-bin"])
+        .arg(channels_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .expect("a RESULT line");
+    let r: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(r["notifies"], notifies, "{r}");
+    assert_eq!(r["received"], r["expected"], "{r}");
+    // The last of `notifies` posts is due (notifies - 1) / rate seconds in.
+    let paced = (notifies - 1) as f64 / rate;
+    assert!(r["seconds"].as_f64().unwrap() >= paced, "not paced: {r}");
+}
