@@ -64,13 +64,13 @@ use std::{
     time::Duration,
 };
 
-use crate::{config::EngineIoConfig, errors::Error, queue};
+use crate::{config::EngineIoConfig, errors::Error, queue, volatile};
 use bytes::Bytes;
 use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
 use futures_util::FutureExt;
 use http::request::Parts;
 use smallvec::{SmallVec, smallvec};
-use tokio::sync::{Mutex, Notify, mpsc::error::TrySendError, watch};
+use tokio::sync::{Mutex, Notify, mpsc::error::TrySendError};
 
 pub use engineioxide_core::Sid;
 use tokio_util::{future::FutureExt as _, sync::CancellationToken};
@@ -154,18 +154,13 @@ impl Permit<'_> {
 pub(crate) struct InternalRx {
     pub buffered_rx: queue::Receiver<PacketBuf>,
     pub peeked_packet: Option<PacketBuf>,
-    pub volatile_rx: watch::Receiver<Option<PacketBuf>>,
 }
 
 impl InternalRx {
-    fn new(
-        buffered_rx: queue::Receiver<PacketBuf>,
-        volatile_rx: watch::Receiver<Option<PacketBuf>>,
-    ) -> Self {
+    fn new(buffered_rx: queue::Receiver<PacketBuf>) -> Self {
         Self {
             buffered_rx,
             peeked_packet: None,
-            volatile_rx,
         }
     }
 }
@@ -213,10 +208,12 @@ where
     /// (A [`queue`] rather than a tokio channel: it allocates nothing while idle.)
     pub(crate) internal_tx: queue::Sender<PacketBuf>,
 
-    /// Channel to send volatile [PacketBuf]s that bypass the internal buffer.
-    /// Uses a [`watch`](tokio::sync::watch) channel so only the latest volatile
-    /// message is retained; subsequent volatile sends overwrite the previous one.
-    volatile_tx: watch::Sender<Option<PacketBuf>>,
+    /// Volatile [PacketBuf]s that bypass the internal buffer: only the
+    /// latest is retained, subsequent volatile sends overwrite it. Received
+    /// only by the transport that holds [`Socket::internal_rx`].
+    /// (A [`volatile::Slot`] rather than a `watch` channel: it allocates
+    /// nothing while idle.)
+    pub(crate) volatile: volatile::Slot,
 
     /// Tells the heartbeat job that a Pong (v4 protocol) or Ping (v3 protocol)
     /// [`Packet`] came from the client. A [`Notify`] keeps at most one such
@@ -252,7 +249,6 @@ where
         supports_binary: bool,
     ) -> Self {
         let (internal_tx, internal_rx) = queue::channel(config.max_buffer_size);
-        let (volatile_tx, volatile_rx) = watch::channel(None);
 
         Self {
             id: Sid::new(),
@@ -260,10 +256,10 @@ where
             transport: AtomicU8::new(transport as u8),
             upgrading: AtomicBool::new(false),
 
-            internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
+            internal_rx: Mutex::new(InternalRx::new(internal_rx)),
             internal_tx,
 
-            volatile_tx,
+            volatile: volatile::Slot::default(),
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),
@@ -527,8 +523,11 @@ where
         self.send_volatile(packets)
     }
 
+    /// Always `true`: the slot, like the watch channel it replaces (whose
+    /// receiver lived as long as the socket), never refuses a send.
     pub(crate) fn send_volatile(&self, packets: PacketBuf) -> bool {
-        self.volatile_tx.send(Some(packets)).is_ok()
+        self.volatile.put(packets);
+        true
     }
 }
 
@@ -588,7 +587,6 @@ where
         buffer_size: usize,
     ) -> (Arc<Socket<D>>, tokio::sync::mpsc::Receiver<Packet>) {
         let (internal_tx, internal_rx) = queue::channel(buffer_size);
-        let (volatile_tx, volatile_rx) = watch::channel(None);
 
         let sock = Self {
             id: sid,
@@ -596,10 +594,10 @@ where
             transport: AtomicU8::new(TransportType::Websocket as u8),
             upgrading: AtomicBool::new(false),
 
-            internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
+            internal_rx: Mutex::new(InternalRx::new(internal_rx)),
             internal_tx,
 
-            volatile_tx,
+            volatile: volatile::Slot::default(),
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),

@@ -286,11 +286,7 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
         return;
     };
-    let InternalRx {
-        buffered_rx,
-        volatile_rx,
-        ..
-    } = &mut *internal_rx;
+    let InternalRx { buffered_rx, .. } = &mut *internal_rx;
 
     // Forward buffered packets until the channel is closed or the session is cancelled.
     // Every packet goes through the one `feed_packets` await below: this
@@ -304,13 +300,10 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
                 None => break,
             },
             _ = socket.cancellation_token.cancelled() => break,
-            Ok(()) = volatile_rx.changed() => {
-                let val = volatile_rx.borrow_and_update().clone();
+            packets = socket.volatile.recv() => {
                 #[cfg(feature = "tracing")]
-                if let Some(packets) = &val {
-                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                }
-                (val, false)
+                tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+                (Some(packets), false)
             },
         };
         let mut next = packets;
