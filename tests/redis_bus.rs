@@ -23,7 +23,7 @@ async fn cluster_node(redis: &RedisServer) -> TestNode {
 
 /// A node on `redis`, whose sockets outlive the outages these tests make.
 async fn redis_node(redis: &RedisServer) -> TestNode {
-    let [interval, timeout] = HEARTBEAT_LONGER_THAN_OUTAGES;
+    let [interval, timeout] = SLOW_HEARTBEAT;
     start(&[("CHANNELS_REDIS_URL", &redis.url()), interval, timeout]).await
 }
 

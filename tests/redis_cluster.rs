@@ -14,7 +14,7 @@ const QUIET: Duration = Duration::from_millis(300);
 
 async fn cluster_node(cluster: &RedisCluster) -> TestNode {
     let urls = cluster.urls();
-    let [interval, timeout] = HEARTBEAT_LONGER_THAN_OUTAGES;
+    let [interval, timeout] = SLOW_HEARTBEAT;
     let node = start(&[
         ("CHANNELS_REDIS_URL", &urls),
         ("CHANNELS_REDIS_CLUSTER", "true"),
