@@ -19,19 +19,27 @@ fn channels_bin() -> PathBuf {
     bin
 }
 
-#[test]
-fn every_scenario_runs_against_both_servers_and_loses_nothing() {
+/// Runs `loadtest` with `args` against that binary; its standard output,
+/// once it has succeeded.
+fn loadtest(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["compare", "--quick", "--rounds", "1", "--channels-bin"])
+        .args(args)
+        .arg("--channels-bin")
         .arg(channels_bin())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn every_scenario_runs_against_both_servers_and_loses_nothing() {
+    let stdout = loadtest(&["compare", "--quick", "--rounds", "1"]);
     let results: Vec<Value> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("RESULT "))
@@ -56,19 +64,16 @@ fn every_scenario_runs_against_both_servers_and_loses_nothing() {
 #[test]
 fn a_paced_fanout_posts_no_faster_than_its_rate() {
     let (notifies, rate) = (20, 20.0);
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["run", "fanout", "--connections", "20", "--notifies"])
-        .arg(notifies.to_string())
-        .args(["--rate", &rate.to_string(), "--channels-bin"])
-        .arg(channels_bin())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = loadtest(&[
+        "run",
+        "fanout",
+        "--connections",
+        "20",
+        "--notifies",
+        &notifies.to_string(),
+        "--rate",
+        &rate.to_string(),
+    ]);
     let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("RESULT "))
