@@ -19,7 +19,6 @@
 
 use std::{
     collections::VecDeque,
-    future::poll_fn,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
@@ -30,7 +29,7 @@ use std::{
 use futures_util::task::AtomicWaker;
 use tokio::sync::{
     Notify,
-    mpsc::error::{SendError, TryRecvError, TrySendError},
+    mpsc::error::{SendError, TrySendError},
 };
 
 /// Creates a queue that holds at most `capacity` items, queued or reserved.
@@ -251,11 +250,18 @@ impl<T> Drop for Permit<'_, T> {
 impl<T> Receiver<T> {
     /// The next item, or `None` once the sender is gone, or the receiver is
     /// closed, and everything queued or reserved has been received.
+    ///
+    /// The transports poll ([`Receiver::poll_recv`]); tests and the test
+    /// harness's dummy sockets wait with this.
+    #[cfg(any(test, feature = "__test_harness"))]
     pub(crate) async fn recv(&mut self) -> Option<T> {
+        use std::future::poll_fn;
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    /// [`Receiver::recv`] for a hand-written future or stream.
+    /// [`Receiver::recv`] for a hand-written future or stream: the next
+    /// item, or `None` once the sender is gone, or the receiver is closed,
+    /// and everything queued or reserved has been received.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut state = self.shared.lock();
         if let Some(value) = state.queue.pop_front() {
@@ -272,8 +278,10 @@ impl<T> Receiver<T> {
         Poll::Pending
     }
 
-    /// The next item if one is queued now.
-    pub(crate) fn try_recv(&mut self) -> Result<T, TryRecvError> {
+    /// The next item if one is queued now (for tests).
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Result<T, tokio::sync::mpsc::error::TryRecvError> {
+        use tokio::sync::mpsc::error::TryRecvError;
         let mut state = self.shared.lock();
         if let Some(value) = state.queue.pop_front() {
             drop(state);
@@ -325,6 +333,8 @@ impl<T> std::fmt::Debug for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use tokio::sync::mpsc::error::TryRecvError;
 
     use super::*;
 

@@ -10,25 +10,28 @@
 //! lives in the socket, boxes its packets only while one waits, and is
 //! taken rather than cloned.
 
-use std::sync::Mutex;
+use std::{
+    sync::Mutex,
+    task::{Context, Poll},
+};
 
 use engineioxide_core::PacketBuf;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     latest: Mutex<Option<Box<PacketBuf>>>,
-    /// Signalled on every [`Slot::put`]. A [`Notify`] keeps one signal when
-    /// nobody waits, so a put between [`Slot::recv`]'s check and its wait
-    /// is not missed.
-    stored: Notify,
+    /// The one receiver waiting for a put: the transport that holds the
+    /// socket's `internal_rx` lock. It registers before it looks again, so
+    /// a put between its first look and its wait is not missed.
+    receiver: AtomicWaker,
 }
 
 impl Slot {
     /// Stores `packets`, replacing what was waiting, if anything.
     pub(crate) fn put(&self, packets: PacketBuf) {
         *self.lock() = Some(Box::new(packets));
-        self.stored.notify_one();
+        self.receiver.wake();
     }
 
     /// Takes the waiting packets, if any.
@@ -36,16 +39,17 @@ impl Slot {
         self.lock().take().map(|packets| *packets)
     }
 
-    /// Waits for packets and takes them.
-    ///
-    /// Cancel-safe: the packets are taken in the same poll that sees them,
-    /// so dropping this future never loses a put.
-    pub(crate) async fn recv(&self) -> PacketBuf {
-        loop {
-            if let Some(packets) = self.take() {
-                return packets;
-            }
-            self.stored.notified().await;
+    /// Takes the waiting packets, or registers the receiver to be woken by
+    /// the next put. Cancel-safe: the packets are taken in the same poll
+    /// that sees them, so a receiver that stops polling never loses a put.
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<PacketBuf> {
+        if let Some(packets) = self.take() {
+            return Poll::Ready(packets);
+        }
+        self.receiver.register(cx.waker());
+        match self.take() {
+            Some(packets) => Poll::Ready(packets),
+            None => Poll::Pending,
         }
     }
 
@@ -63,6 +67,10 @@ mod tests {
 
     use super::*;
 
+    async fn recv(slot: &Slot) -> PacketBuf {
+        std::future::poll_fn(|cx| slot.poll_take(cx)).await
+    }
+
     fn message(text: &'static str) -> PacketBuf {
         smallvec![Packet::Message(text.into())]
     }
@@ -78,11 +86,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recv_waits_for_a_put() {
+    async fn a_receiver_waits_for_a_put() {
         let slot = std::sync::Arc::new(Slot::default());
         let receiver = tokio::spawn({
             let slot = slot.clone();
-            async move { slot.recv().await }
+            async move { recv(&slot).await }
         });
         tokio::task::yield_now().await;
         assert!(!receiver.is_finished());
@@ -91,12 +99,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_put_before_recv_is_received_at_once() {
+    async fn a_put_before_the_receiver_looks_is_taken_at_once() {
         let slot = Slot::default();
         slot.put(message("early"));
-        assert_eq!(slot.recv().await, message("early"));
-        // The signal of that put is spent or stale: nothing more is received.
-        let again = tokio::time::timeout(std::time::Duration::from_millis(20), slot.recv()).await;
+        assert_eq!(recv(&slot).await, message("early"));
+        // That put is taken: nothing more is received.
+        let again = tokio::time::timeout(std::time::Duration::from_millis(20), recv(&slot)).await;
         assert!(again.is_err());
     }
 }

@@ -222,7 +222,7 @@ where
 mod rx_stream {
     use std::{
         pin::Pin,
-        task::{Context, Poll, ready},
+        task::{Context, Poll},
     };
 
     use engineioxide_core::PacketBuf;
@@ -230,7 +230,6 @@ mod rx_stream {
     use pin_project_lite::pin_project;
 
     use crate::{queue, volatile};
-    use tokio_util::sync::ReusableBoxFuture;
 
     /// [`ReceiverStream`] is a stream that wraps a [`queue::Receiver`] by reference.
     /// Allowing to use it as a stream even if it is behind a mutex.
@@ -256,25 +255,18 @@ mod rx_stream {
     /// It never ends: the slot lives as long as the socket.
     pub struct VolatileStream<'a> {
         slot: &'a volatile::Slot,
-        inner: ReusableBoxFuture<'a, PacketBuf>,
     }
     impl<'a> VolatileStream<'a> {
         pub fn new(slot: &'a volatile::Slot) -> Self {
-            Self {
-                slot,
-                inner: ReusableBoxFuture::new(slot.recv()),
-            }
+            Self { slot }
         }
     }
 
     impl Stream for VolatileStream<'_> {
         type Item = PacketBuf;
 
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let packets = ready!(self.inner.poll(cx));
-            let slot = self.slot;
-            self.inner.set(slot.recv());
-            Poll::Ready(Some(packets))
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.slot.poll_take(cx).map(Some)
         }
     }
 
