@@ -24,6 +24,7 @@ pub mod sid {
 mod body;
 mod engine;
 mod errors;
+mod heartbeat;
 mod queue;
 mod transport;
 mod volatile;

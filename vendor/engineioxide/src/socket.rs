@@ -57,6 +57,8 @@
 use std::{
     collections::VecDeque,
     fmt::Debug,
+    future::poll_fn,
+    pin::pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU8, Ordering},
@@ -64,13 +66,17 @@ use std::{
     time::Duration,
 };
 
-use crate::{config::EngineIoConfig, errors::Error, queue, volatile};
+use crate::{
+    config::EngineIoConfig,
+    errors::Error,
+    heartbeat::{self, Heartbeat},
+    queue, volatile,
+};
 use bytes::Bytes;
 use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
-use futures_util::FutureExt;
 use http::request::Parts;
 use smallvec::{SmallVec, smallvec};
-use tokio::sync::{Mutex, Notify, mpsc::error::TrySendError};
+use tokio::sync::{Mutex, mpsc::error::TrySendError};
 
 pub use engineioxide_core::Sid;
 use tokio_util::{future::FutureExt as _, sync::CancellationToken};
@@ -215,11 +221,9 @@ where
     /// nothing while idle.)
     pub(crate) volatile: volatile::Slot,
 
-    /// Tells the heartbeat job that a Pong (v4 protocol) or Ping (v3 protocol)
-    /// [`Packet`] came from the client. A [`Notify`] keeps at most one such
-    /// signal, as the bounded channel of one `()` it replaces did, without
-    /// that channel's allocation per socket.
-    pub(crate) heartbeat: Notify,
+    /// Tells the heartbeat that a Pong (v4 protocol) or Ping (v3 protocol)
+    /// [`Packet`] came from the client.
+    pub(crate) heartbeat: heartbeat::Beat,
 
     /// A cancellation token that will be triggered when the socket is being closed.
     pub(crate) cancellation_token: CancellationToken,
@@ -261,7 +265,7 @@ where
 
             volatile: volatile::Slot::default(),
 
-            heartbeat: Notify::new(),
+            heartbeat: heartbeat::Beat::default(),
             cancellation_token: CancellationToken::new(),
 
             close_fn,
@@ -293,102 +297,22 @@ where
         self.upgrading.store(true, Ordering::Relaxed);
     }
 
-    /// Spawn the heartbeat job
-    ///
-    /// Keep a handle to the job so that it can be aborted when the socket is closed
+    /// Spawns the heartbeat of a polling session, as a task of its own that
+    /// ends with the session. (A websocket session's is polled by the task
+    /// that serves it.)
     pub(crate) fn spawn_heartbeat(self: Arc<Self>, interval: Duration, timeout: Duration) {
-        // `with_cancellation_token` borrows the token: the task, which lives
-        // as long as the socket, is a few hundred bytes smaller than with
-        // `run_until_cancelled_owned`.
         tokio::spawn(async move {
-            let job = self
-                .heartbeat_job(interval, timeout)
+            let mut heartbeat = Heartbeat::new(interval, timeout);
+            let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
+            let failed = poll_fn(|cx| heartbeat.poll(timer.as_mut(), &self, cx))
                 .with_cancellation_token(&self.cancellation_token)
                 .await;
-            if let Some(Err(ref _e)) = job {
-                self.close(DisconnectReason::HeartbeatTimeout);
+            if failed.is_some() {
                 #[cfg(feature = "tracing")]
-                tracing::debug!(id = ?self.id, "heartbeat error: {_e}");
+                tracing::debug!(id = ?self.id, "heartbeat timeout");
+                self.close(DisconnectReason::HeartbeatTimeout);
             }
-            #[cfg(feature = "tracing")]
-            tracing::debug!(aborted = job.is_none(), "heartbeat job completed");
         });
-    }
-
-    /// Heartbeat is sent every `interval` milliseconds by the client and the server `is` expected to respond within `timeout` milliseconds.
-    ///
-    /// If the client or server does not respond within the timeout, the connection is closed.
-    #[cfg(feature = "v3")]
-    async fn heartbeat_job(&self, interval: Duration, timeout: Duration) -> Result<(), Error> {
-        match self.protocol {
-            ProtocolVersion::V3 => self.heartbeat_job_v3(interval, timeout).await,
-            ProtocolVersion::V4 => self.heartbeat_job_v4(interval, timeout).await,
-        }
-    }
-
-    /// Heartbeat is sent every `interval` milliseconds and the client is expected to respond within `timeout` milliseconds.
-    ///
-    /// If the client does not respond within the timeout, the connection is closed.
-    #[cfg(not(feature = "v3"))]
-    async fn heartbeat_job(&self, interval: Duration, timeout: Duration) -> Result<(), Error> {
-        self.heartbeat_job_v4(interval, timeout).await
-    }
-
-    /// Heartbeat is sent every `interval` milliseconds and the client is expected to respond within `timeout` milliseconds.
-    ///
-    /// If the client does not respond within the timeout, the connection is closed.
-    async fn heartbeat_job_v4(&self, interval: Duration, timeout: Duration) -> Result<(), Error> {
-        #[cfg(feature = "tracing")]
-        tracing::debug!(sid = ?self.id, "heartbeat sender routine started");
-
-        let mut interval_tick = tokio::time::interval(interval);
-        interval_tick.tick().await;
-        // Some clients send the pong packet in first. If that happens, we should consume it.
-        self.heartbeat.notified().now_or_never();
-        loop {
-            // If we are currently upgrading we should pause the heartbeat process
-            if self.is_upgrading() {
-                interval_tick.tick().await;
-                continue;
-            }
-
-            #[cfg(feature = "tracing")]
-            tracing::trace!(sid = ?self.id, "emitting ping");
-
-            self.internal_tx
-                .try_send(smallvec![Packet::Ping])
-                .map_err(|_| Error::HeartbeatTimeout)?;
-
-            #[cfg(feature = "tracing")]
-            tracing::trace!(sid = ?self.id, "waiting for pong");
-
-            tokio::time::timeout(timeout, self.heartbeat.notified())
-                .await
-                .map_err(|_| Error::HeartbeatTimeout)?;
-
-            #[cfg(feature = "tracing")]
-            tracing::trace!(sid = ?self.id, "pong received");
-
-            interval_tick.tick().await;
-        }
-    }
-
-    #[cfg(feature = "v3")]
-    async fn heartbeat_job_v3(&self, interval: Duration, timeout: Duration) -> Result<(), Error> {
-        #[cfg(feature = "tracing")]
-        tracing::debug!(sid = ?self.id, "heartbeat receiver routine started");
-
-        loop {
-            tokio::time::timeout(interval + timeout, self.heartbeat.notified())
-                .await
-                .map_err(|_| Error::HeartbeatTimeout)?;
-
-            #[cfg(feature = "tracing")]
-            tracing::trace!(sid = ?self.id, "ping received, sending pong");
-            self.internal_tx
-                .try_send(smallvec![Packet::Pong])
-                .map_err(|_| Error::HeartbeatTimeout)?;
-        }
     }
 
     /// Returns true if the [`Socket`] has a websocket [`TransportType`]
@@ -599,7 +523,7 @@ where
 
             volatile: volatile::Slot::default(),
 
-            heartbeat: Notify::new(),
+            heartbeat: heartbeat::Beat::default(),
             cancellation_token: CancellationToken::new(),
             close_fn,
 

@@ -192,7 +192,7 @@ where
             }
             Ok(Packet::Pong | Packet::Ping) => {
                 // A signal already pending means that the client is already known to be alive.
-                socket.heartbeat.notify_one();
+                socket.heartbeat.received();
                 Ok(())
             }
             Ok(Packet::Message(msg)) => {

@@ -9,12 +9,16 @@ use std::{
     pin::{Pin, pin},
     sync::Arc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use smallvec::smallvec;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::{Instant, Sleep},
+};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -29,7 +33,8 @@ use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Sid, Str, TransportT
 
 use crate::{
     DisconnectReason, Socket, body::ResponseBody, config::EngineIoConfig, engine::EngineIo,
-    errors::Error, handler::EngineIoHandler, queue, transport::make_open_packet,
+    errors::Error, handler::EngineIoHandler, heartbeat::Heartbeat, queue,
+    transport::make_open_packet,
 };
 
 /// Create a response for websocket upgrade
@@ -125,14 +130,19 @@ where
     // connection, at about twice what serving the websocket needs.
     let setup = Box::pin(open(engine.clone(), conn, protocol, sid, req_data));
     async move {
-        let (socket, mut ws) = setup.await?;
-        serve(&engine, &socket, &mut ws).await;
+        let (socket, mut ws, mut heartbeat) = setup.await?;
+        serve(&engine, &socket, &mut ws, heartbeat.as_mut()).await;
         Ok(())
     }
 }
 
-/// Opens the websocket session: a new one with its OPEN packet and its
-/// heartbeat, or the upgrade of a polling session (`sid`).
+/// The socket and websocket of an open session, and the heartbeat that its
+/// task runs: a new session's, not an upgraded one's (whose heartbeat task
+/// started with its polling transport and goes on).
+type Opened<D, S> = (Arc<Socket<D>>, WebSocketStream<S>, Option<Heartbeat>);
+
+/// Opens the websocket session: a new one with its OPEN packet, or the
+/// upgrade of a polling session (`sid`).
 #[cfg_attr(
     feature = "tracing",
     tracing::instrument(level = "trace", name = "init_websocket", skip(engine, conn, req_data))
@@ -143,7 +153,7 @@ async fn open<H: EngineIoHandler, S>(
     protocol: ProtocolVersion,
     sid: Option<Sid>,
     req_data: Parts,
-) -> Result<(Arc<Socket<H::Data>>, WebSocketStream<S>), Error>
+) -> Result<Opened<H::Data, S>, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -178,7 +188,7 @@ where
                         return Err(Error::Upgrade);
                     }
                 }
-                Ok((socket, ws))
+                Ok((socket, ws, None))
             }
         }
     } else {
@@ -189,10 +199,8 @@ where
 
         let mut ws = ws_init().await;
         init_handshake(socket.id, &mut ws, &engine.config).await?;
-        socket
-            .clone()
-            .spawn_heartbeat(engine.config.ping_interval, engine.config.ping_timeout);
-        Ok((socket, ws))
+        let heartbeat = Heartbeat::new(engine.config.ping_interval, engine.config.ping_timeout);
+        Ok((socket, ws, Some(heartbeat)))
     }
 }
 
@@ -213,27 +221,36 @@ async fn serve<H: EngineIoHandler, S>(
     engine: &Arc<EngineIo<H>>,
     socket: &Arc<Socket<H::Data>>,
     ws: &mut WebSocketStream<S>,
+    heartbeat: Option<&mut Heartbeat>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // A polling request that was in progress during the upgrade may still hold the lock.
-    // (No named local for the lock's future: it would keep its room in
-    // this future, which lives as long as the connection.)
-    let Some(mut internal_rx) = (socket.internal_rx.lock())
-        .with_cancellation_token(&socket.cancellation_token)
-        .await
-    else {
-        #[cfg(feature = "tracing")]
-        tracing::debug!(sid = %socket.id, "session closed before the ws transport started");
-        return;
+    // A polling request that was in progress during the upgrade may still
+    // hold the lock. Its wait is boxed: inline, it would size this future,
+    // which lives as long as the connection.
+    let mut internal_rx = match socket.internal_rx.try_lock() {
+        Ok(internal_rx) => internal_rx,
+        Err(_) => {
+            let lock = socket.internal_rx.lock();
+            let lock = lock.with_cancellation_token(&socket.cancellation_token);
+            let Some(internal_rx) = Box::pin(lock).await else {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(sid = %socket.id, "session closed before the ws transport started");
+                return;
+            };
+            internal_rx
+        }
     };
     let cancelled = pin!(socket.cancellation_token.cancelled());
+    let timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut connection = Connection {
         engine,
         socket,
         ws,
         buffered_rx: &mut internal_rx.buffered_rx,
         cancelled,
+        heartbeat,
+        timer,
         rest: None,
         unflushed: false,
         closing: false,
@@ -248,6 +265,10 @@ struct Connection<'a, 'c, H: EngineIoHandler, S> {
     ws: &'c mut WebSocketStream<S>,
     buffered_rx: &'a mut queue::Receiver<PacketBuf>,
     cancelled: Pin<&'c mut WaitForCancellationFuture<'a>>,
+    /// The heartbeat, if this task runs it.
+    heartbeat: Option<&'c mut Heartbeat>,
+    /// The heartbeat's timer; once closing, the deadline of the close.
+    timer: Pin<&'c mut Sleep>,
     /// The rest of the packets being written, waiting for room in the
     /// websocket.
     rest: Option<Box<<PacketBuf as IntoIterator>::IntoIter>>,
@@ -262,8 +283,8 @@ impl<H: EngineIoHandler, S> Connection<'_, '_, H, S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// Reads, then writes; `Ready` once the session is over and the
-    /// websocket closed.
+    /// Reads, runs the heartbeat, then writes; `Ready` once the session is
+    /// over and the websocket closed, or given up.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.closing {
             if self.cancelled.as_mut().poll(cx).is_ready() {
@@ -273,7 +294,27 @@ where
             } else if let Poll::Ready(reason) = self.poll_read(cx) {
                 self.engine.close_session(self.socket.id, reason);
                 self.closing = true;
+            } else if let Some(heartbeat) = self.heartbeat.as_mut()
+                && heartbeat
+                    .poll(self.timer.as_mut(), self.socket, cx)
+                    .is_ready()
+            {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(sid = %self.socket.id, "heartbeat timeout");
+                self.socket.close(DisconnectReason::HeartbeatTimeout);
+                self.closing = true;
             }
+            if self.closing {
+                let deadline = Instant::now() + self.engine.config.ping_timeout;
+                self.timer.as_mut().reset(deadline);
+            }
+        }
+        if self.closing && self.timer.as_mut().poll(cx).is_ready() {
+            // A client that takes nothing more, and leaves its connection
+            // open, would otherwise keep this task and its memory for good.
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = %self.socket.id, "ws close timed out");
+            return Poll::Ready(());
         }
         self.poll_write(cx)
     }
@@ -322,7 +363,7 @@ where
                 }
                 Packet::Pong | Packet::Ping => {
                     // A signal already pending means that the client is already known to be alive.
-                    socket.heartbeat.notify_one();
+                    socket.heartbeat.received();
                 }
                 Packet::Message(msg) => self.engine.handler.on_message(msg, socket.clone()),
                 p => return Err(Error::BadPacket(p)),
@@ -586,10 +627,11 @@ mod tests {
     }
 
     fn session() -> (Arc<EngineIo<EchoHandler>>, Arc<Socket<()>>) {
-        let engine = Arc::new(EngineIo::new(
-            Arc::new(EchoHandler),
-            EngineIoConfig::default(),
-        ));
+        session_with(EngineIoConfig::default())
+    }
+
+    fn session_with(config: EngineIoConfig) -> (Arc<EngineIo<EchoHandler>>, Arc<Socket<()>>) {
+        let engine = Arc::new(EngineIo::new(Arc::new(EchoHandler), config));
         let socket = engine.create_session(
             ProtocolVersion::V4,
             TransportType::Websocket,
@@ -607,14 +649,31 @@ mod tests {
         )
     }
 
-    /// Serves `server` in a task of its own, as `on_init` does.
+    /// Serves `server` in a task of its own, as `on_init` does for an
+    /// upgraded session (the heartbeat is not this task's).
     fn spawn_serve(
         engine: &Arc<EngineIo<EchoHandler>>,
         socket: &Arc<Socket<()>>,
         server: WebSocketStream<DuplexStream>,
     ) -> tokio::task::JoinHandle<()> {
+        spawn_serve_with(engine, socket, server, None)
+    }
+
+    fn spawn_serve_with(
+        engine: &Arc<EngineIo<EchoHandler>>,
+        socket: &Arc<Socket<()>>,
+        mut server: WebSocketStream<DuplexStream>,
+        mut heartbeat: Option<Heartbeat>,
+    ) -> tokio::task::JoinHandle<()> {
         let (engine, socket) = (engine.clone(), socket.clone());
-        tokio::spawn(async move { serve(&engine, &socket, &mut { server }).await })
+        tokio::spawn(async move { serve(&engine, &socket, &mut server, heartbeat.as_mut()).await })
+    }
+
+    fn heartbeat_config(interval_ms: u64, timeout_ms: u64) -> EngineIoConfig {
+        EngineIoConfig::builder()
+            .ping_interval(Duration::from_millis(interval_ms))
+            .ping_timeout(Duration::from_millis(timeout_ms))
+            .build()
     }
 
     async fn next(client: &mut WebSocketStream<DuplexStream>) -> Message {
@@ -741,11 +800,61 @@ mod tests {
         assert!(socket.cancellation_token.is_cancelled());
     }
 
+    /// The task that serves a new session runs its heartbeat: a ping at
+    /// once and every interval while the client answers; when it stops,
+    /// the session is closed for a heartbeat timeout.
+    #[tokio::test]
+    async fn the_heartbeat_pings_and_closes_a_silent_client() {
+        let config = heartbeat_config(30, 30);
+        let heartbeat = Heartbeat::new(config.ping_interval, config.ping_timeout);
+        let (engine, socket) = session_with(config);
+        let (server, mut client) = ws_pair().await;
+        let connection = spawn_serve_with(&engine, &socket, server, Some(heartbeat));
+
+        for _ in 0..3 {
+            assert_eq!(next(&mut client).await, Message::text("2"));
+            client.send(Message::text("3")).await.unwrap();
+        }
+        assert_eq!(next(&mut client).await, Message::text("2"));
+        // No answer: after 30 ms the session is closed.
+        assert_eq!(next(&mut client).await, Message::text("1"));
+        assert!(matches!(next(&mut client).await, Message::Close(_)));
+        tokio::time::timeout(TIMEOUT, connection)
+            .await
+            .expect("the connection should stop")
+            .unwrap();
+        assert!(engine.get_socket(socket.id).is_none());
+    }
+
+    /// A client that takes nothing more and leaves its connection open
+    /// cannot hold a closed session's task: it is given up after the ping
+    /// timeout.
+    #[tokio::test]
+    async fn a_close_the_client_does_not_take_is_given_up() {
+        let (engine, socket) = session_with(heartbeat_config(10_000, 50));
+        let (server, client) = ws_pair().await;
+        let connection = spawn_serve(&engine, &socket, server);
+
+        // Far more than the pipe holds, never read.
+        for i in 0..64 {
+            socket.emit(format!("{i}{}", "x".repeat(1024))).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        socket.close(DisconnectReason::ClosingServer);
+        tokio::time::timeout(TIMEOUT, connection)
+            .await
+            .expect("the connection should be given up")
+            .unwrap();
+        drop(client);
+    }
+
     /// What one websocket session's task holds for its whole life is this
-    /// future (plus the task's header): 1,664 bytes before it served both
-    /// directions from one task and boxed its setup (rustc 1.95). A change
-    /// that grows it much costs memory on every connection; if this fails,
-    /// see which await point holds what before raising the bound.
+    /// future (plus the task's header). With rustc 1.95 it was 1,664 bytes
+    /// for the reader alone, when the writer and the heartbeat were tasks
+    /// of their own; it is 720 bytes for all three. A change that grows it
+    /// costs memory on every connection; if this fails, see which await
+    /// point holds what (`RUSTC_BOOTSTRAP=1 cargo rustc -p engineioxide
+    /// --lib --profile test -- -Zprint-type-sizes`) before raising the bound.
     #[tokio::test]
     async fn a_session_future_stays_small() {
         let (engine, _) = session();
@@ -753,6 +862,6 @@ mod tests {
         let parts = Request::<()>::default().into_parts().0;
         let session = on_init(engine, server, ProtocolVersion::V4, None, parts);
         let size = std::mem::size_of_val(&session);
-        assert!(size <= 640, "a session's future is {size} bytes");
+        assert!(size <= 768, "a session's future is {size} bytes");
     }
 }
