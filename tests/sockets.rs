@@ -295,6 +295,25 @@ async fn shutdown_closes_every_socket_and_finishes_in_time() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// A client's message is read in chunks of 256 bytes (the gateway keeps
+/// its websocket read buffer small); one of many chunks still arrives
+/// whole: a CONNECT of about 3 KB, its token and identity at the end.
+#[tokio::test]
+async fn a_client_message_longer_than_the_read_buffer_arrives_whole() {
+    let node = start(&[]).await;
+    let auth = json!({
+        "padding": "p".repeat(3000),
+        "token": ws_token("alice"),
+        "keycloakID": "alice",
+        "channel": "admin",
+    });
+    let mut alice = SioClient::connect(node.addr, auth)
+        .await
+        .expect("socket accepted");
+    send(&node, json!({"keycloak": "alice"}), json!("hi")).await;
+    assert_eq!(alice.notification(WAIT).await, Some(json!("hi")));
+}
+
 #[tokio::test]
 async fn a_client_message_over_the_limit_closes_its_connection() {
     use futures_util::SinkExt;
