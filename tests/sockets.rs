@@ -295,7 +295,7 @@ async fn shutdown_closes_every_socket_and_finishes_in_time() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// A client's message is read in chunks of 256 bytes (the gateway keeps
+/// A client's message is read in chunks of 64 bytes (the gateway keeps
 /// its websocket read buffer small); one of many chunks still arrives
 /// whole: a CONNECT of about 3 KB, its token and identity at the end.
 #[tokio::test]

@@ -73,7 +73,13 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     // stays in it: it takes only the upgrade's handle and the request's
     // head, boxed until the session opens.
     let upgrade = hyper::upgrade::on(&mut req);
-    let parts = Box::new(req.into_parts().0);
+    let mut parts = req.into_parts().0;
+    // The socket keeps the head for its whole life: without the upgrade's
+    // handle, an extension map left empty gives its table back.
+    if parts.extensions.is_empty() {
+        parts.extensions = http::Extensions::new();
+    }
+    let parts = Box::new(parts);
     tokio::spawn(async move {
         let session = match upgrade.await {
             Ok(conn) => on_init(
