@@ -58,10 +58,9 @@ pub fn service<S: Clone>(
         // Clients send pongs (6 bytes) and one CONNECT (a few hundred, with
         // the token), nothing else; a longer message still arrives, in
         // several reads. 1 KiB → 256 → 64 B: 0.45 and 0.25 KiB less per idle
-        // socket; the price is CPU for client input, which the contract has
-        // none of:
-        // 16 MB of client messages cost 3x the server CPU of 256 B reads
-        // (BENCHMARKS.md).
+        // socket. The price is CPU for client input, which the contract has
+        // none of: 16 MB of client messages cost 3x the server CPU of 256 B
+        // reads (BENCHMARKS.md).
         .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
         .connect_timeout(CONNECT_TIMEOUT)
         .ping_interval(config.ping_interval)
