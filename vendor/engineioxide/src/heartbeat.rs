@@ -71,11 +71,12 @@ impl Beat {
 
 /// The heartbeat of one socket: where it is in its cycle. The timer is the
 /// caller's, so that the websocket's task can also use it once the
-/// heartbeat is over (for its closing deadline).
+/// heartbeat is over (for its closing deadline), and so are the interval
+/// and the timeout, given at each poll: the websocket's task holds this
+/// for the connection's life, and 32 bytes more took its task's memory to
+/// the next 128-byte step (tokio's task cells come in those).
 #[derive(Debug)]
 pub(crate) struct Heartbeat {
-    interval: Duration,
-    timeout: Duration,
     phase: Phase,
 }
 
@@ -93,10 +94,8 @@ enum Phase {
 }
 
 impl Heartbeat {
-    pub(crate) fn new(interval: Duration, timeout: Duration) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            interval,
-            timeout,
             phase: Phase::Start,
         }
     }
@@ -107,6 +106,7 @@ impl Heartbeat {
         &mut self,
         mut timer: Pin<&mut Sleep>,
         socket: &Socket<D>,
+        (interval, timeout): (Duration, Duration),
         cx: &mut Context<'_>,
     ) -> Poll<()> {
         loop {
@@ -114,9 +114,7 @@ impl Heartbeat {
                 Phase::Start => {
                     #[cfg(feature = "v3")]
                     if socket.protocol == ProtocolVersion::V3 {
-                        timer
-                            .as_mut()
-                            .reset(Instant::now() + self.interval + self.timeout);
+                        timer.as_mut().reset(Instant::now() + interval + timeout);
                         self.phase = Phase::AwaitingPing;
                         continue;
                     }
@@ -125,7 +123,7 @@ impl Heartbeat {
                 }
                 Phase::BeforePing => {
                     ready!(timer.as_mut().poll(cx));
-                    let next_ping = timer.deadline() + self.interval;
+                    let next_ping = timer.deadline() + interval;
                     if socket.is_upgrading() {
                         timer.as_mut().reset(next_ping);
                         continue;
@@ -142,7 +140,7 @@ impl Heartbeat {
                     {
                         return Poll::Ready(());
                     }
-                    timer.as_mut().reset(Instant::now() + self.timeout);
+                    timer.as_mut().reset(Instant::now() + timeout);
                     self.phase = Phase::AwaitingPong { next_ping };
                 }
                 Phase::AwaitingPong { next_ping } => {
@@ -168,9 +166,7 @@ impl Heartbeat {
                         {
                             return Poll::Ready(());
                         }
-                        timer
-                            .as_mut()
-                            .reset(Instant::now() + self.interval + self.timeout);
+                        timer.as_mut().reset(Instant::now() + interval + timeout);
                         continue;
                     }
                     ready!(timer.as_mut().poll(cx));

@@ -302,9 +302,10 @@ where
     /// that serves it.)
     pub(crate) fn spawn_heartbeat(self: Arc<Self>, interval: Duration, timeout: Duration) {
         tokio::spawn(async move {
-            let mut heartbeat = Heartbeat::new(interval, timeout);
+            let mut heartbeat = Heartbeat::new();
             let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-            let failed = poll_fn(|cx| heartbeat.poll(timer.as_mut(), &self, cx))
+            let timing = (interval, timeout);
+            let failed = poll_fn(|cx| heartbeat.poll(timer.as_mut(), &self, timing, cx))
                 .with_cancellation_token(&self.cancellation_token)
                 .await;
             if failed.is_some() {
