@@ -27,6 +27,8 @@ use std::{
 };
 
 use futures_util::task::AtomicWaker;
+#[cfg(test)]
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{
     Notify,
     mpsc::error::{SendError, TrySendError},
@@ -255,8 +257,7 @@ impl<T> Receiver<T> {
     /// harness's dummy sockets wait with this.
     #[cfg(any(test, feature = "__test_harness"))]
     pub(crate) async fn recv(&mut self) -> Option<T> {
-        use std::future::poll_fn;
-        poll_fn(|cx| self.poll_recv(cx)).await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// [`Receiver::recv`] for a hand-written future or stream: the next
@@ -280,8 +281,7 @@ impl<T> Receiver<T> {
 
     /// The next item if one is queued now (for tests).
     #[cfg(test)]
-    pub(crate) fn try_recv(&mut self) -> Result<T, tokio::sync::mpsc::error::TryRecvError> {
-        use tokio::sync::mpsc::error::TryRecvError;
+    pub(crate) fn try_recv(&mut self) -> Result<T, TryRecvError> {
         let mut state = self.shared.lock();
         if let Some(value) = state.queue.pop_front() {
             drop(state);
@@ -333,8 +333,6 @@ impl<T> std::fmt::Debug for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
-
-    use tokio::sync::mpsc::error::TryRecvError;
 
     use super::*;
 

@@ -292,16 +292,16 @@ where
     /// Reads, runs the heartbeat, then writes; `Ready` once the session is
     /// over and the websocket closed, or given up.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let config = &self.engine.config;
-        let timing = (config.ping_interval, config.ping_timeout);
         if !self.closing {
+            let config = &self.engine.config;
+            let timing = (config.ping_interval, config.ping_timeout);
             if self.cancelled.as_mut().poll(cx).is_ready() {
                 #[cfg(feature = "tracing")]
                 tracing::debug!(sid = %self.socket.id, "socket is closing");
-                self.closing = true;
+                self.start_closing();
             } else if let Poll::Ready(reason) = self.poll_read(cx) {
                 self.engine.close_session(self.socket.id, reason);
-                self.closing = true;
+                self.start_closing();
             } else if let Some(heartbeat) = self.heartbeat.as_mut()
                 && heartbeat
                     .poll(self.timer.as_mut(), self.socket, timing, cx)
@@ -310,11 +310,7 @@ where
                 #[cfg(feature = "tracing")]
                 tracing::debug!(sid = %self.socket.id, "heartbeat timeout");
                 self.socket.close(DisconnectReason::HeartbeatTimeout);
-                self.closing = true;
-            }
-            if self.closing {
-                let deadline = Instant::now() + config.ping_timeout;
-                self.timer.as_mut().reset(deadline);
+                self.start_closing();
             }
         }
         if self.closing && self.timer.as_mut().poll(cx).is_ready() {
@@ -325,6 +321,15 @@ where
             return Poll::Ready(());
         }
         self.poll_write(cx)
+    }
+
+    /// From here on the task only writes what is queued and closes the
+    /// websocket, within the ping timeout; the heartbeat is over, and its
+    /// timer is the close's deadline.
+    fn start_closing(&mut self) {
+        self.closing = true;
+        let deadline = Instant::now() + self.engine.config.ping_timeout;
+        self.timer.as_mut().reset(deadline);
     }
 
     /// Hands what the client sent to the handler until nothing more can be
@@ -436,7 +441,8 @@ where
     fn poll_packets(&mut self, cx: &mut Context<'_>) -> Poll<PacketBuf> {
         match self.buffered_rx.poll_recv(cx) {
             Poll::Ready(Some(packets)) => return Poll::Ready(packets),
-            Poll::Ready(None) => self.closing = true,
+            Poll::Ready(None) if !self.closing => self.start_closing(),
+            Poll::Ready(None) => {}
             Poll::Pending => {}
         }
         if self.closing {
