@@ -100,8 +100,22 @@ fn config(dev_mode: bool) -> Result<Config, Failure> {
     Config::from_env(dev_mode).map_err(|e| Failure(format!("configuration error: {e}"), 2))
 }
 
+/// The runtime of the operator's tools: they do little, on any thread.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().expect("a tokio runtime starts")
+}
+
+/// The runtime of a node: `CHANNELS_WORKER_THREADS` worker threads, or one
+/// per core.
+fn node_runtime(config: &Config) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts")
 }
 
 fn serve(dev_mode: bool) -> ExitCode {
@@ -116,7 +130,7 @@ fn serve(dev_mode: bool) -> ExitCode {
             dev::API_KEY
         );
     }
-    runtime().block_on(async move {
+    node_runtime(&config).block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {

@@ -80,6 +80,12 @@ pub struct Config {
     pub ping_interval: Duration,
     /// `CHANNELS_PING_TIMEOUT`: how long a client has to answer a ping.
     pub ping_timeout: Duration,
+    /// `CHANNELS_WORKER_THREADS`: threads that run the node's tasks; `None`
+    /// (unset, or `auto`) is one per core. Fewer leave cores to processes
+    /// beside the node: on a machine it shares, each extra thread is
+    /// preempted, and takes its sockets' writes with it (BENCHMARKS.md, "One
+    /// worker thread").
+    pub worker_threads: Option<usize>,
     /// `CHANNELS_REDIS_*`: the cluster bus; `None` runs a standalone node.
     pub redis: Option<RedisSettings>,
     /// What one client, key or user may ask of the node.
@@ -232,6 +238,10 @@ impl Config {
             shutdown_timeout: Duration::from_secs(env.parse("CHANNELS_SHUTDOWN_TIMEOUT", "10")?),
             ping_interval: env.seconds("CHANNELS_PING_INTERVAL", "25")?,
             ping_timeout: env.seconds("CHANNELS_PING_TIMEOUT", "20")?,
+            worker_threads: match env.get("CHANNELS_WORKER_THREADS") {
+                None | Some("auto") => None,
+                Some(_) => Some(env.positive("CHANNELS_WORKER_THREADS", "auto")?),
+            },
             redis: env.redis()?,
             limits: env.limits()?,
         })
@@ -300,6 +310,11 @@ impl Config {
                 self.metrics_max_channels.to_string(),
             ),
             ("CHANNELS_SHUTDOWN_TIMEOUT", secs(self.shutdown_timeout)),
+            (
+                "CHANNELS_WORKER_THREADS",
+                self.worker_threads
+                    .map_or("auto (one per core)".into(), |n| n.to_string()),
+            ),
         ];
         let limits = &self.limits;
         let rate = |r: Option<Rate>| r.map_or("off".into(), |r| r.to_string());
@@ -602,6 +617,8 @@ mod tests {
             ("CHANNELS_SOCKET_QUEUE", "lots"),
             ("CHANNELS_WS_TOKEN_SECRET", "short"),
             ("CHANNELS_AUTH_JWKS_URL", "ftp://x"),
+            ("CHANNELS_WORKER_THREADS", "0"),
+            ("CHANNELS_WORKER_THREADS", "many"),
         ] {
             let mut v = vars(&base);
             v.insert(var.into(), bad.into());

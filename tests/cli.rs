@@ -96,6 +96,46 @@ async fn sigterm_exits_cleanly_within_the_bound() {
     assert!(status.success(), "{status}");
 }
 
+/// The tokio worker threads of process `pid`, by their name in `/proc`.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[test]
+fn a_node_runs_as_many_worker_threads_as_it_is_told() {
+    for (setting, expected) in [("1", 1), ("3", 3)] {
+        let (mut child, addr) =
+            spawn_node(&["serve", "--dev"], &[("CHANNELS_WORKER_THREADS", setting)]);
+        assert_eq!(
+            worker_threads(child.id()),
+            expected,
+            "CHANNELS_WORKER_THREADS={setting}"
+        );
+        // It serves with them.
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let (code, _, err) = run(&["serve", "--dev"], &[("CHANNELS_WORKER_THREADS", "0")]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("CHANNELS_WORKER_THREADS") && err.contains("at least 1"),
+        "{err}"
+    );
+}
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = channels(args, env).output().unwrap();
     let text = |b: Vec<u8>| String::from_utf8(b).unwrap();

@@ -6,6 +6,7 @@
 //! them round by round, and prints a table of medians and ratios.
 
 mod client;
+mod poster;
 mod report;
 mod scenarios;
 mod servers;
@@ -29,6 +30,11 @@ struct Cli {
     /// The channels binary (build it with `cargo build --release`).
     #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/channels"))]
     channels_bin: PathBuf,
+    /// channels' worker threads (`CHANNELS_WORKER_THREADS`). One by default:
+    /// the generator takes most of a core of this machine's two, and Node's
+    /// baseline runs on one thread (BENCHMARKS.md, "One worker thread").
+    #[arg(long, global = true, default_value_t = 1)]
+    channels_workers: usize,
     /// The Node baseline's folder (`npm ci` runs there when needed).
     #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/baseline/node"))]
     node_dir: PathBuf,
@@ -134,11 +140,24 @@ impl Scenario {
     }
 }
 
-#[tokio::main]
+/// One worker thread, besides the main thread that runs the scenario
+/// itself. The generator shares the machine's two cores with the server it
+/// measures (BENCHMARKS.md, "The generator"):
+/// - with two workers, the receivers' wake-ups hop between two parked
+///   threads, and a targeted run's p99 was 7 ms against 0.55 ms with one
+///   worker at the same rate (4 posters, ~14,000 notifies/s);
+/// - with no worker (`current_thread`), fanout's poster waits behind 2,000
+///   receivers on the one thread, its notifications reach the server one
+///   at a time, and the server writes every frame with a syscall of its
+///   own: 125,000-130,000 deliveries/s at 15 ms of server CPU per
+///   notification, against 330,000-380,000 at 5-6 ms with the poster on the
+///   main thread and the receivers on one worker.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let programs = Programs {
         channels: cli.channels_bin,
+        channels_workers: cli.channels_workers,
         node_dir: cli.node_dir,
     };
     match cli.command {

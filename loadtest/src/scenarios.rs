@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::Context;
-use futures_util::{StreamExt, stream};
 use serde_json::json;
 use tokio::{
     sync::{Semaphore, mpsc, watch},
@@ -21,8 +20,9 @@ use tokio::{
 
 use crate::{
     client::{Client, Event, Sources},
+    poster::Poster,
     report::{Latencies, Report, now_us},
-    servers::{API_KEY, Kind, Programs, Redis, Server, TICKS_PER_SECOND, generator_cpu_ticks},
+    servers::{Kind, Programs, Redis, Server, TICKS_PER_SECOND, generator_cpu_ticks},
 };
 
 /// Handshakes in flight at once while connecting.
@@ -114,6 +114,11 @@ async fn connect_and_receive(
                 out_of_order: 0,
             };
             let mut last = 0;
+            // One wait for the stop, for the client's whole life: a new
+            // `changed()` per notification would register with the watch
+            // channel, under its lock, for every delivery.
+            let stopped = stop.changed();
+            tokio::pin!(stopped);
             loop {
                 tokio::select! {
                     event = client.next_event() => match event {
@@ -128,7 +133,7 @@ async fn connect_and_receive(
                         }
                         Event::Closed => break,
                     },
-                    _ = stop.changed() => break,
+                    _ = &mut stopped => break,
                 }
             }
             Ok(out)
@@ -167,14 +172,10 @@ async fn collect(mut tasks: JoinSet<anyhow::Result<Received>>) -> anyhow::Result
     Ok(all)
 }
 
-/// Posts one notification; returns whether it was accepted.
-async fn post(http: &reqwest::Client, url: &str, body: serde_json::Value) -> bool {
-    http.post(url)
-        .header("x-api-key", API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
+/// The body of a benchmark notification to `target` (the body's target
+/// fields, JSON without braces), stamped with the time and sequence `n`.
+fn body(target: &str, n: u64) -> String {
+    format!(r#"{{{target},"msg":{{"t":{},"n":{n}}}}}"#, now_us())
 }
 
 /// Hold `connections` idle sockets; report memory per connection and
@@ -191,25 +192,29 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     tokio::time::sleep(Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0))).await;
     let after = server.rss_kib();
 
-    // Every socket still receives a targeted notification.
-    let http = reqwest::Client::new();
-    let url = format!("http://{}/notify", server.addr);
-    let accepted = AtomicU64::new(0);
-    stream::iter(0..n)
-        .for_each_concurrent(sizes.posters, |i| {
-            let (http, url, accepted) = (&http, &url, &accepted);
-            async move {
-                let body = json!({"keycloak": format!("u{i}"), "msg": {"t": now_us(), "n": 1}});
-                if post(http, url, body).await {
-                    accepted.fetch_add(1, Ordering::Relaxed);
+    // Every socket still receives a targeted notification: poster p posts
+    // to users p, p + posters, ...
+    let posters = sizes.posters.clamp(1, n.max(1));
+    let mut posting = JoinSet::new();
+    for p in 0..posters {
+        let mut poster = Poster::connect(server.addr).await?;
+        posting.spawn(async move {
+            let mut accepted = 0u64;
+            for i in (p..n).step_by(posters) {
+                if poster.post(body(&format!(r#""keycloak":"u{i}""#), 1)).await {
+                    accepted += 1;
                 }
             }
-        })
-        .await;
+            accepted
+        });
+    }
+    let mut accepted = 0;
+    while let Some(count) = posting.join_next().await {
+        accepted += count.expect("poster task");
+    }
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(true);
     let got = collect(receivers).await?;
-    let accepted = accepted.into_inner();
     Ok(Report {
         connections: n,
         connects_per_s,
@@ -245,8 +250,7 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
         };
         connect_and_receive(&[server.addr], n, |_| "fan".into(), &stop, each).await?
     };
-    let http = reqwest::Client::new();
-    let url = format!("http://{}/notify", server.addr);
+    let mut poster = Poster::connect(server.addr).await?;
     let cpu_before = server.cpu_ticks();
     let generator_before = generator_cpu_ticks();
     let started = Instant::now();
@@ -267,8 +271,7 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
             let due = started + Duration::from_secs_f64((k - 1) as f64 / sizes.rate);
             tokio::time::sleep_until(due.into()).await;
         }
-        let body = json!({"channel": "fan", "msg": {"t": now_us(), "n": k}});
-        if post(&http, &url, body).await {
+        if poster.post(body(r#""channel":"fan""#, k)).await {
             accepted += 1;
         }
     }
@@ -329,13 +332,14 @@ pub async fn targeted(
     let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
     let redis_before = redis.as_ref().map_or(0, Redis::cpu_ticks);
     let generator_before = generator_cpu_ticks();
+    let mut posters = JoinSet::new();
+    let mut connected = Vec::new();
+    for p in 0..sizes.posters.min(n) {
+        connected.push(Poster::connect(addrs[p % addrs.len()]).await?);
+    }
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(sizes.seconds);
-    let http = reqwest::Client::new();
-    let mut posters = JoinSet::new();
-    for p in 0..sizes.posters.min(n) {
-        let http = http.clone();
-        let url = format!("http://{}/notify", addrs[p % addrs.len()]);
+    for (p, mut poster) in connected.into_iter().enumerate() {
         // Poster p owns users p, p + posters, ...: one poster per user keeps
         // each user's sequence numbers in order.
         let users: Vec<usize> = (p..n).step_by(sizes.posters).collect();
@@ -347,15 +351,14 @@ pub async fn targeted(
                 let slot = k % users.len();
                 let user = users[slot];
                 sequence[slot] += 1;
-                let msg = json!({"t": now_us(), "n": sequence[slot]});
-                let body = if k.is_multiple_of(2) {
-                    json!({"keycloak": format!("u{user}"), "msg": msg})
+                let target = if k.is_multiple_of(2) {
+                    format!(r#""keycloak":"u{user}""#)
                 } else {
-                    json!({"keycloak": format!("u{user}"), "channel": channel(user), "msg": msg})
+                    format!(r#""keycloak":"u{user}","channel":"{}""#, channel(user))
                 };
                 // A refused call is not retried: its number is a gap, not
                 // a reordering.
-                if post(&http, &url, body).await {
+                if poster.post(body(&target, sequence[slot])).await {
                     accepted += 1;
                 }
                 k += 1;

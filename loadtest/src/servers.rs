@@ -25,11 +25,13 @@ pub enum Kind {
     Node,
 }
 
-/// Where the servers' programs are.
+/// Where the servers' programs are, and how channels runs.
 #[derive(Clone, Debug)]
 pub struct Programs {
     /// The `channels` binary (a release build for benchmarks).
     pub channels: PathBuf,
+    /// Its worker threads.
+    pub channels_workers: usize,
     /// The Node baseline's folder, with its `node_modules` installed.
     pub node_dir: PathBuf,
 }
@@ -65,6 +67,10 @@ impl Server {
                     ("CHANNELS_NOTIFY_RATE_PER_KEY", "off"),
                     ("CHANNELS_NOTIFY_RATE_PER_ADDRESS", "off"),
                 ]);
+                c.env(
+                    "CHANNELS_WORKER_THREADS",
+                    programs.channels_workers.to_string(),
+                );
                 if let Some(url) = redis {
                     c.env("CHANNELS_REDIS_URL", url);
                 }
