@@ -141,17 +141,12 @@ impl Scenario {
 }
 
 /// One worker thread, besides the main thread that runs the scenario
-/// itself. The generator shares the machine's two cores with the server it
-/// measures (BENCHMARKS.md, "The generator"):
-/// - with two workers, the receivers' wake-ups hop between two parked
-///   threads, and a targeted run's p99 was 7 ms against 0.55 ms with one
-///   worker at the same rate (4 posters, ~14,000 notifies/s);
-/// - with no worker (`current_thread`), fanout's poster waits behind 2,000
-///   receivers on the one thread, its notifications reach the server one
-///   at a time, and the server writes every frame with a syscall of its
-///   own: 125,000-130,000 deliveries/s at 15 ms of server CPU per
-///   notification, against 330,000-380,000 at 5-6 ms with the poster on the
-///   main thread and the receivers on one worker.
+/// itself (fanout's poster, `compare`'s rounds): the generator shares the
+/// machine's two cores with the server it measures, so it keeps to few
+/// threads. Its thread count moved nothing beyond this machine's noise
+/// (fanout against channels on two threads: 140,000 / 169,000 deliveries/s
+/// with a worker per core, 117,000-140,000 with one, 117,000-130,000 with
+/// none); the server's own did (BENCHMARKS.md, "One worker thread").
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
