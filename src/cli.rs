@@ -100,16 +100,12 @@ fn config(dev_mode: bool) -> Result<Config, Failure> {
     Config::from_env(dev_mode).map_err(|e| Failure(format!("configuration error: {e}"), 2))
 }
 
-/// The runtime of the operator's tools: they do little, on any thread.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().expect("a tokio runtime starts")
-}
-
-/// The runtime of a node: `CHANNELS_WORKER_THREADS` worker threads, or one
-/// per core.
-fn node_runtime(config: &Config) -> tokio::runtime::Runtime {
+/// A runtime with `worker_threads` worker threads, or one per core: a
+/// node's comes from `CHANNELS_WORKER_THREADS`, the operator's tools take
+/// the default.
+fn runtime(worker_threads: Option<usize>) -> tokio::runtime::Runtime {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.worker_threads {
+    if let Some(threads) = worker_threads {
         builder.worker_threads(threads);
     }
     builder
@@ -130,7 +126,7 @@ fn serve(dev_mode: bool) -> ExitCode {
             dev::API_KEY
         );
     }
-    node_runtime(&config).block_on(async move {
+    runtime(config.worker_threads).block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -236,7 +232,7 @@ fn check_token(ws: bool, token: Option<String>, dev_mode: bool) -> Result<String
     let verdict = if ws {
         WsTokens::new(&config.ws_token_secret, config.ws_token_ttl).verify(token)
     } else {
-        runtime().block_on(async {
+        runtime(None).block_on(async {
             let verifier = UpstreamVerifier::new(&config.upstream)
                 .await
                 .map_err(|e| Failure(e, 2))?;
@@ -302,7 +298,7 @@ fn check_config(dev_mode: bool) -> Result<String, Failure> {
 }
 
 fn probe(url: &str) -> Result<String, Failure> {
-    runtime().block_on(async {
+    runtime(None).block_on(async {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()
