@@ -127,7 +127,7 @@ fn serve(dev_mode: bool) -> ExitCode {
         );
     }
     runtime(config.worker_threads).block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listener = match crate::limits::bind(config.listen, config.listen_backlog) {
             Ok(l) => l,
             Err(e) => {
                 let message = format!("cannot listen on {} (CHANNELS_LISTEN): {e}", config.listen);

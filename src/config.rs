@@ -34,6 +34,9 @@ pub mod dev {
 const MIN_SECRET_BYTES: usize = 32;
 /// SPEC.md: at least 256 KiB of body must always be accepted by `/notify`.
 const MIN_BODY_BYTES: usize = 256 * 1024;
+/// Largest `CHANNELS_LISTEN_BACKLOG`: the largest `net.core.somaxconn` that
+/// older kernels accept, which caps the backlog anyway.
+const MAX_LISTEN_BACKLOG: u32 = 65_535;
 
 /// A start-up configuration error. The message always names the variable.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,9 @@ pub enum ConfigError {
 pub struct Config {
     /// `CHANNELS_LISTEN`: the address the HTTP and socket.io server binds.
     pub listen: SocketAddr,
+    /// `CHANNELS_LISTEN_BACKLOG`: connections the kernel holds for the node
+    /// before it accepts them (capped by `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// Whether the node runs in dev mode (fixed public secrets, loud warning).
     pub dev_mode: bool,
     /// How upstream access tokens (`GET /authorize`) are verified.
@@ -223,8 +229,18 @@ impl Config {
             });
         }
 
+        let listen_backlog = env.positive("CHANNELS_LISTEN_BACKLOG", "1024")?;
+        let listen_backlog = u32::try_from(listen_backlog)
+            .ok()
+            .filter(|&n| n <= MAX_LISTEN_BACKLOG)
+            .ok_or_else(|| ConfigError::Invalid {
+                var: "CHANNELS_LISTEN_BACKLOG",
+                reason: format!("must be at most {MAX_LISTEN_BACKLOG}"),
+            })?;
+
         Ok(Self {
             listen,
+            listen_backlog,
             dev_mode,
             upstream,
             ws_token_secret,
@@ -270,6 +286,7 @@ impl Config {
         let mut out = vec![
             ("CHANNELS_DEV", self.dev_mode.to_string()),
             ("CHANNELS_LISTEN", self.listen.to_string()),
+            ("CHANNELS_LISTEN_BACKLOG", self.listen_backlog.to_string()),
             (source_var, source),
             (
                 "CHANNELS_AUTH_ISSUER",
@@ -619,6 +636,8 @@ mod tests {
             ("CHANNELS_AUTH_JWKS_URL", "ftp://x"),
             ("CHANNELS_WORKER_THREADS", "0"),
             ("CHANNELS_WORKER_THREADS", "many"),
+            ("CHANNELS_LISTEN_BACKLOG", "0"),
+            ("CHANNELS_LISTEN_BACKLOG", "65536"),
         ] {
             let mut v = vars(&base);
             v.insert(var.into(), bad.into());

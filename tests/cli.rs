@@ -1,5 +1,6 @@
 //! The `channels` binary as an operator meets it: start-up errors that name
-//! the variable, dev mode with no setup, `gen-token`, and SIGTERM.
+//! the variable, dev mode with no setup, `gen-token`, SIGTERM, and the
+//! node's threads and listen backlog.
 
 mod common;
 
@@ -133,6 +134,53 @@ fn a_node_runs_as_many_worker_threads_as_it_is_told() {
     assert!(
         err.contains("CHANNELS_WORKER_THREADS") && err.contains("at least 1"),
         "{err}"
+    );
+}
+
+/// How many of `attempts` TCP connections to `addr` are established while
+/// the node at `pid` is stopped and accepts none: the kernel completes the
+/// handshake of those its backlog has room for, and drops the SYN of the
+/// rest (their connect would wait for TCP's one-second retry). Counts up to
+/// the first that does not connect within half a second.
+fn queued_while_stopped(pid: u32, addr: &str, attempts: usize) -> usize {
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name}");
+    };
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    signal("-STOP");
+    let mut held = Vec::with_capacity(attempts);
+    while held.len() < attempts {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(stream) => held.push(stream),
+            Err(_) => break,
+        }
+    }
+    signal("-CONT");
+    held.len()
+}
+
+#[test]
+fn a_burst_of_connections_waits_in_the_backlog_while_the_node_is_busy() {
+    // The default holds 1,024: a burst of 600 all connect (std's 128, which
+    // tokio's `TcpListener::bind` uses, would leave 471 waiting a second).
+    let (mut child, addr) = spawn_node(&["serve", "--dev"], &[]);
+    let queued = queued_while_stopped(child.id(), &addr, 600);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(queued, 600, "connections established during the burst");
+
+    // CHANNELS_LISTEN_BACKLOG sets it (Linux queues one more than asked).
+    let (mut child, addr) = spawn_node(&["serve", "--dev"], &[("CHANNELS_LISTEN_BACKLOG", "200")]);
+    let queued = queued_while_stopped(child.id(), &addr, 600);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        (200..=201).contains(&queued),
+        "{queued} queued with a backlog of 200"
     );
 }
 

@@ -20,7 +20,7 @@ use std::{
 use axum::{extract::connect_info::Connected, serve::IncomingStream};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
@@ -37,6 +37,25 @@ content-length: 73\r\n\r\n\
 
 /// How long a refused connection may take to read [`FULL`].
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Listens on `addr` with room for `backlog` connections not yet accepted.
+///
+/// `TcpListener::bind` asks for 128, std's value. A busy node (one worker
+/// thread handshaking, a burst of reconnects after a deploy) falls behind
+/// its accepts for milliseconds at a time; past a full backlog the kernel
+/// drops the client's SYN, and the client retries only after TCP's initial
+/// timeout, a whole second. Address reuse is on, as `bind` sets it, so a
+/// restarted node can bind while its old connections are in `TIME_WAIT`.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
 
 /// A `TcpListener` that holds at most `max` connections open.
 pub struct ConnectionLimit {

@@ -25,7 +25,7 @@ use governor::{
 
 use crate::metrics::Metrics;
 
-pub use listener::{ConnectionLimit, PeerAddr};
+pub use listener::{ConnectionLimit, PeerAddr, bind};
 
 /// A rate: `per_second` calls on average, `burst` at once. Written
 /// `RATE[:BURST]` in the environment (`50:200`; the burst defaults to the
