@@ -165,6 +165,17 @@ fn compose_mounts_files_that_exist_and_the_dockerfile_checks_health_with_the_bin
             "the Dockerfile copies workspace member {member}"
         );
     }
+    // The carried crates are built into the binary, members or not.
+    for line in manifest
+        .lines()
+        .filter(|l| l.contains("{ path = \"vendor/"))
+    {
+        let path = line.split('"').nth(1).unwrap();
+        assert!(
+            dockerfile.contains(&format!("COPY {path} ./{path}\n")),
+            "the Dockerfile copies the carried crate {path}"
+        );
+    }
     assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/channels", "probe""#));
     assert!(dockerfile.contains("USER 10001"));
 }

@@ -13,7 +13,7 @@
 use std::{sync::Arc, time::Duration};
 
 use dashmap::DashSet;
-use socketioxide::{SendError, SocketError, extract::SocketRef, socket::Sid};
+use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
 
 use super::SocketRegistry;
 use crate::{
@@ -59,12 +59,21 @@ impl Deliver for Delivery {
         if sockets.is_empty() {
             return;
         }
+        // Encoded once for all the sockets (`&RawValue` serialises as the
+        // posted JSON text, verbatim): a channel of 2,000 sockets would
+        // otherwise serialise the message and its packet 2,000 times.
+        let event = match sockets[0].encode_event("notification", &*notification.msg) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::error!(id = %notification.id, error = %e, "notification not encodable");
+                return;
+            }
+        };
         let mut delivered = 0;
         for socket in sockets {
-            // `&RawValue` serialises as the posted JSON text, verbatim.
-            match socket.emit("notification", &*notification.msg) {
+            match socket.emit_encoded(&event) {
                 Ok(()) => delivered += 1,
-                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                Err(SocketError::InternalChannelFull) => {
                     if self.evicting.insert(socket.id) {
                         handles.slow_client_disconnects.inc();
                         tracing::info!(sid = %socket.id, "slow client: send queue full, disconnecting");
