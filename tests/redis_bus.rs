@@ -155,6 +155,45 @@ async fn notifications_alternating_between_nodes_arrive_in_order() {
     }
 }
 
+/// Many `/notify` calls at once go to Redis together (the bus's
+/// `Publisher`): every one is answered, and each user's arrive in the order
+/// its poster sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_notifies_are_all_answered_and_each_poster_keeps_its_order() {
+    const POSTERS: usize = 20;
+    const EACH: usize = 25;
+    let redis = RedisServer::start();
+    let a = cluster_node(&redis).await;
+    let b = cluster_node(&redis).await;
+    let mut sockets = Vec::new();
+    for p in 0..POSTERS {
+        sockets.push(b.socket(&format!("user{p}"), "admin").await);
+    }
+    let posters = (0..POSTERS).map(|p| {
+        let a = &a;
+        async move {
+            let mut answers = Vec::new();
+            for i in 0..EACH {
+                let target = json!({"keycloak": format!("user{p}")});
+                answers.push(send_to(a, target, json!(i)).await);
+            }
+            answers
+        }
+    });
+    for answers in futures_util::future::join_all(posters).await {
+        assert_eq!(answers, vec![200; EACH]);
+    }
+    for socket in &mut sockets {
+        for i in 0..EACH {
+            assert_eq!(socket.notification(WAIT).await, Some(json!(i)));
+        }
+    }
+    tokio::time::sleep(QUIET).await;
+    for socket in &mut sockets {
+        assert_eq!(socket.notification(Duration::from_millis(10)).await, None);
+    }
+}
+
 #[tokio::test]
 async fn a_redis_outage_answers_503_keeps_sockets_and_heals_by_itself() {
     let mut redis = RedisServer::start();
