@@ -152,6 +152,13 @@ fn queued_while_stopped(pid: u32, addr: &str, attempts: usize) -> usize {
     };
     let addr: std::net::SocketAddr = addr.parse().unwrap();
     signal("-STOP");
+    // The signal is delivered as each thread is next scheduled: wait until
+    // all have stopped, or a busy machine lets the node accept a few more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(Instant::now() < deadline, "the node did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut held = Vec::with_capacity(attempts);
     while held.len() < attempts {
         match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
@@ -161,6 +168,18 @@ fn queued_while_stopped(pid: u32, addr: &str, attempts: usize) -> usize {
     }
     signal("-CONT");
     held.len()
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
+fn all_threads_stopped(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("stat")).ok())
+        .all(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
 }
 
 #[test]
