@@ -160,7 +160,7 @@ impl Publisher {
                     let generation = shared.generation.load(Ordering::Acquire);
                     let mut next = Some(first);
                     while let Some(publish) = next {
-                        in_flight.push(Self::send(shared.clone(), connection.clone(), generation, publish));
+                        in_flight.push(Self::send(&shared, connection.clone(), generation, publish));
                         next = (in_flight.len() < PUBLISHES_IN_FLIGHT)
                             .then(|| queue.try_recv().ok())
                             .flatten();
@@ -175,7 +175,7 @@ impl Publisher {
     /// One publish, answered to its handler. A failure tells the
     /// [`Subscriber`] when the connection itself is gone.
     async fn send(
-        shared: Arc<Shared>,
+        shared: &Shared,
         connection: Option<Connection>,
         generation: u64,
         publish: Publish,
