@@ -553,7 +553,16 @@ impl<A: Adapter> Socket<A> {
         if !self.connected() {
             return Err(SocketError::Closed);
         }
-        self.send_raw(event.value.clone())
+        match &event.value {
+            // A text packet alone: engine.io's `emit` queues it under one
+            // lock of the socket's queue, where a permit takes it twice
+            // (reserve, then send).
+            Value::Str(msg, None) => self.esocket.emit(msg.clone()).map_err(|e| match e {
+                TrySendError::Full(_) => SocketError::InternalChannelFull,
+                TrySendError::Closed(_) => SocketError::Closed,
+            }),
+            value => self.send_raw(value.clone()),
+        }
     }
 
     #[doc = include_str!("../docs/operators/emit_with_ack.md")]
