@@ -179,3 +179,31 @@ fn compose_mounts_files_that_exist_and_the_dockerfile_checks_health_with_the_bin
     assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/channels", "probe""#));
     assert!(dockerfile.contains("USER 10001"));
 }
+
+/// The fuzz targets are a workspace of their own, which the main manifest's
+/// `[patch.crates-io]` does not reach: it must carry the same patches, or
+/// it fuzzes crates.io's engineioxide and socketioxide instead of ours.
+#[test]
+fn the_fuzz_workspace_patches_in_every_carried_crate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let patches = |manifest: &str| -> BTreeSet<(String, String)> {
+        let text = std::fs::read_to_string(root.join(manifest)).unwrap();
+        text.lines()
+            .skip_while(|l| l.trim() != "[patch.crates-io]")
+            .skip(1)
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once('=')?;
+                let path = rest.split('"').nth(1)?;
+                // Both as seen from the repository's root.
+                let from = root.join(manifest).parent().unwrap().join(path);
+                let path = from.canonicalize().unwrap_or(from);
+                Some((name.trim().to_owned(), path.display().to_string()))
+            })
+            .collect()
+    };
+    let main = patches("Cargo.toml");
+    assert!(!main.is_empty(), "the main manifest carries patched crates");
+    assert_eq!(patches("tests/fuzz/Cargo.toml"), main);
+}
