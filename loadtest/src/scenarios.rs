@@ -29,6 +29,9 @@ use crate::{
 const CONNECT_CONCURRENCY: usize = 256;
 /// How long receivers wait for the last notifications after the posters stop.
 const DRAIN: Duration = Duration::from_secs(2);
+/// How often a long phase (connecting, holding, posting) prints a progress
+/// line on stderr.
+const PROGRESS: Duration = Duration::from_secs(5);
 
 /// The sizes of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -149,7 +152,7 @@ async fn connect_and_receive(
             }
             anyhow::bail!("a client task ended before connecting");
         }
-        if progress.elapsed() > Duration::from_secs(5) {
+        if progress.elapsed() > PROGRESS {
             eprintln!("  connected {done}/{n}");
             progress = Instant::now();
         }
@@ -189,7 +192,14 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     let (receivers, connects_per_s) =
         connect_and_receive(&[server.addr], n, |i| format!("c{}", i % 10), &stop, |_| {}).await?;
     // Let the server settle, then read its memory.
-    tokio::time::sleep(Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0))).await;
+    let hold = Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0));
+    wait_with_progress(Instant::now() + hold, || {
+        format!(
+            "  holding {n} connections, server RSS {} KiB",
+            server.rss_kib()
+        )
+    })
+    .await;
     let after = server.rss_kib();
 
     // Every socket still receives a targeted notification: poster p posts
@@ -256,7 +266,16 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(sizes.seconds.max(1.0) * 6.0);
     let mut accepted = 0;
+    let mut progress = Instant::now();
     for k in 1..=sizes.notifies {
+        if progress.elapsed() > PROGRESS {
+            eprintln!(
+                "  posted {accepted}/{}, {} received by every socket",
+                sizes.notifies,
+                complete.load(Ordering::Relaxed)
+            );
+            progress = Instant::now();
+        }
         // Wait for the window, bounded by the deadline.
         while k - 1 - complete.load(Ordering::Relaxed) >= sizes.window {
             if Instant::now() > deadline {
@@ -340,7 +359,9 @@ pub async fn targeted(
     let generator_before = generator_cpu_ticks();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(sizes.seconds);
+    let posted = Arc::new(AtomicU64::new(0));
     for (p, mut poster) in connected.into_iter().enumerate() {
+        let posted = posted.clone();
         // Poster p owns users p, p + posters, ...: one poster per user keeps
         // each user's sequence numbers in order.
         let users: Vec<usize> = (p..n).step_by(sizes.posters).collect();
@@ -361,12 +382,17 @@ pub async fn targeted(
                 // a reordering.
                 if poster.post(body(&target, sequence[slot])).await {
                     accepted += 1;
+                    posted.fetch_add(1, Ordering::Relaxed);
                 }
                 k += 1;
             }
             accepted
         });
     }
+    wait_with_progress(until, || {
+        format!("  posted {} notifies", posted.load(Ordering::Relaxed))
+    })
+    .await;
     let mut accepted = 0;
     while let Some(count) = posters.join_next().await {
         accepted += count.expect("poster task");
@@ -401,6 +427,19 @@ pub async fn targeted(
             got.latencies,
         )
     })
+}
+
+/// Sleeps until `until`, printing `line()` every [`PROGRESS`] on the way.
+async fn wait_with_progress(until: Instant, line: impl Fn() -> String) {
+    loop {
+        let next = Instant::now() + PROGRESS;
+        if next >= until {
+            tokio::time::sleep_until(until.into()).await;
+            return;
+        }
+        tokio::time::sleep_until(next.into()).await;
+        eprintln!("{}", line());
+    }
 }
 
 /// CPU `ticks` spent over `seconds` of wall time, in cores.

@@ -19,9 +19,9 @@ fn channels_bin() -> PathBuf {
     bin
 }
 
-/// Runs `loadtest` with `args` against that binary; its standard output,
-/// once it has succeeded.
-fn loadtest(args: &[&str]) -> String {
+/// Runs `loadtest` with `args` against that binary; its standard output
+/// and error, once it has succeeded.
+fn loadtest(args: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(args)
         .arg("--channels-bin")
@@ -29,17 +29,14 @@ fn loadtest(args: &[&str]) -> String {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
 }
 
 #[test]
 fn every_scenario_runs_against_both_servers_and_loses_nothing() {
-    let stdout = loadtest(&["compare", "--quick", "--rounds", "1"]);
+    let (stdout, _) = loadtest(&["compare", "--quick", "--rounds", "1"]);
     let results: Vec<Value> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("RESULT "))
@@ -64,7 +61,7 @@ fn every_scenario_runs_against_both_servers_and_loses_nothing() {
 #[test]
 fn a_paced_fanout_posts_no_faster_than_its_rate() {
     let (notifies, rate) = (20, 20.0);
-    let stdout = loadtest(&[
+    let (stdout, _) = loadtest(&[
         "run",
         "fanout",
         "--connections",
@@ -84,4 +81,36 @@ fn a_paced_fanout_posts_no_faster_than_its_rate() {
     // The last of `notifies` posts is due (notifies - 1) / rate seconds in.
     let paced = (notifies - 1) as f64 / rate;
     assert!(r["seconds"].as_f64().unwrap() >= paced, "not paced: {r}");
+}
+
+#[test]
+fn a_long_run_reports_its_progress_while_posting() {
+    // Progress lines come every 5 s: a 6 s run prints one, part way.
+    let (stdout, stderr) = loadtest(&[
+        "run",
+        "targeted",
+        "--connections",
+        "20",
+        "--posters",
+        "2",
+        "--seconds",
+        "6",
+    ]);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .expect("a RESULT line");
+    let total = serde_json::from_str::<Value>(line).unwrap()["notifies"]
+        .as_u64()
+        .unwrap();
+    let progress: Vec<u64> = stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("posted "))
+        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(progress.len(), 1, "one progress line:\n{stderr}");
+    assert!(
+        progress[0] > 0 && progress[0] < total,
+        "part way through ({progress:?} of {total}):\n{stderr}"
+    );
 }
