@@ -359,15 +359,16 @@ pub async fn targeted(
     let generator_before = generator_cpu_ticks();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(sizes.seconds);
-    let posted = Arc::new(AtomicU64::new(0));
+    // Notifications accepted so far, by all posters: the progress lines'
+    // count and, once they are done, the run's.
+    let accepted = Arc::new(AtomicU64::new(0));
     for (p, mut poster) in connected.into_iter().enumerate() {
-        let posted = posted.clone();
+        let accepted = accepted.clone();
         // Poster p owns users p, p + posters, ...: one poster per user keeps
         // each user's sequence numbers in order.
         let users: Vec<usize> = (p..n).step_by(sizes.posters).collect();
         posters.spawn(async move {
             let mut sequence = vec![0u64; users.len()];
-            let mut accepted = 0u64;
             let mut k = 0usize;
             while Instant::now() < until {
                 let slot = k % users.len();
@@ -381,22 +382,20 @@ pub async fn targeted(
                 // A refused call is not retried: its number is a gap, not
                 // a reordering.
                 if poster.post(body(&target, sequence[slot])).await {
-                    accepted += 1;
-                    posted.fetch_add(1, Ordering::Relaxed);
+                    accepted.fetch_add(1, Ordering::Relaxed);
                 }
                 k += 1;
             }
-            accepted
         });
     }
     wait_with_progress(until, || {
-        format!("  posted {} notifies", posted.load(Ordering::Relaxed))
+        format!("  posted {} notifies", accepted.load(Ordering::Relaxed))
     })
     .await;
-    let mut accepted = 0;
-    while let Some(count) = posters.join_next().await {
-        accepted += count.expect("poster task");
+    while let Some(done) = posters.join_next().await {
+        done.expect("poster task");
     }
+    let accepted = accepted.load(Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = servers.iter().map(Server::cpu_ticks).sum::<u64>() - cpu_before;
     let redis_cpu = redis.as_ref().map_or(0, Redis::cpu_ticks) - redis_before;

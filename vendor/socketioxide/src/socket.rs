@@ -129,6 +129,15 @@ impl<'a> PermitExt<'a> for Permit<'a> {
     }
 }
 
+/// What a socket's refused send means to its caller: a full queue or a
+/// closed socket.
+fn queue_error<T>(e: TrySendError<T>) -> SocketError {
+    match e {
+        TrySendError::Full(_) => SocketError::InternalChannelFull,
+        TrySendError::Closed(_) => SocketError::Closed,
+    }
+}
+
 /// An event packet encoded once by [`Socket::encode_event`], for
 /// [`Socket::emit_encoded`]; cloning the packet shares its buffer.
 pub struct EncodedEvent<A: Adapter = LocalAdapter> {
@@ -553,16 +562,7 @@ impl<A: Adapter> Socket<A> {
         if !self.connected() {
             return Err(SocketError::Closed);
         }
-        match &event.value {
-            // A text packet alone: engine.io's `emit` queues it under one
-            // lock of the socket's queue, where a permit takes it twice
-            // (reserve, then send).
-            Value::Str(msg, None) => self.esocket.emit(msg.clone()).map_err(|e| match e {
-                TrySendError::Full(_) => SocketError::InternalChannelFull,
-                TrySendError::Closed(_) => SocketError::Closed,
-            }),
-            value => self.send_raw(value.clone()),
-        }
+        self.send_raw(event.value.clone())
     }
 
     #[doc = include_str!("../docs/operators/emit_with_ack.md")]
@@ -783,11 +783,7 @@ impl<A: Adapter> Socket<A> {
     }
 
     pub(crate) fn reserve(&self) -> Result<Permit<'_>, SocketError> {
-        match self.esocket.reserve() {
-            Ok(permit) => Ok(permit),
-            Err(TrySendError::Full(_)) => Err(SocketError::InternalChannelFull),
-            Err(TrySendError::Closed(_)) => Err(SocketError::Closed),
-        }
+        self.esocket.reserve().map_err(queue_error)
     }
 
     pub(crate) fn send(&self, packet: Packet) -> Result<(), SocketError> {
@@ -796,9 +792,17 @@ impl<A: Adapter> Socket<A> {
         Ok(())
     }
     pub(crate) fn send_raw(&self, value: Value) -> Result<(), SocketError> {
-        let permit = self.reserve()?;
-        permit.send_raw(value);
-        Ok(())
+        match value {
+            // A text packet alone (channels' carried patch): engine.io's
+            // `emit` queues it under one lock of the socket's queue, where a
+            // permit takes it twice (reserve, then fill).
+            Value::Str(msg, None) => self.esocket.emit(msg).map_err(queue_error),
+            value => {
+                let permit = self.reserve()?;
+                permit.send_raw(value);
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn send_raw_volatile(&self, value: Value) {
