@@ -94,8 +94,29 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// `CHANNELS_REDIS_*`: the cluster bus; `None` runs a standalone node.
     pub redis: Option<RedisSettings>,
+    /// `CHANNELS_RECOVERY_*`: connection state recovery.
+    pub recovery: Recovery,
     /// What one client, key or user may ask of the node.
     pub limits: Limits,
+}
+
+/// Connection state recovery (socket.io's, server side): how long after a
+/// disconnect a socket may come back with everything it missed, and how much.
+#[derive(Clone, Copy, Debug)]
+pub struct Recovery {
+    /// `CHANNELS_RECOVERY_WINDOW`: how long after a disconnect a session may
+    /// recover; zero turns recovery off (no `pid`, no offsets on the wire).
+    pub window: Duration,
+    /// `CHANNELS_RECOVERY_MAX_MISSED`: the most notifications one socket can
+    /// recover; a socket that missed more gets a fresh session.
+    pub max_missed: usize,
+}
+
+impl Recovery {
+    /// Whether sessions are recoverable at all.
+    pub fn enabled(&self) -> bool {
+        !self.window.is_zero()
+    }
 }
 
 /// The limits of [`crate::limits`], each refusal counted by name.
@@ -259,12 +280,24 @@ impl Config {
                 Some(_) => Some(env.positive("CHANNELS_WORKER_THREADS", "auto")?),
             },
             redis: env.redis()?,
+            recovery: Recovery {
+                window: Duration::from_secs(env.parse("CHANNELS_RECOVERY_WINDOW", "120")?),
+                max_missed: env.positive("CHANNELS_RECOVERY_MAX_MISSED", "1000")?,
+            },
             limits: env.limits()?,
         })
     }
 }
 
 impl Config {
+    /// Whether sessions are recoverable: recovery is on, and the bus can
+    /// keep its history. On a Redis Cluster a socket's streams and the one
+    /// sequence that orders them sit on different shards, which one script
+    /// cannot reach, so recovery is off there.
+    pub fn recovers(&self) -> bool {
+        self.recovery.enabled() && !self.redis.as_ref().is_some_and(|r| r.cluster)
+    }
+
     /// The effective settings by variable, secrets masked: what
     /// `channels check-config` prints.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
@@ -327,6 +360,21 @@ impl Config {
                 self.metrics_max_channels.to_string(),
             ),
             ("CHANNELS_SHUTDOWN_TIMEOUT", secs(self.shutdown_timeout)),
+            (
+                "CHANNELS_RECOVERY_WINDOW",
+                match (self.recovery.enabled(), self.recovers()) {
+                    (true, true) => secs(self.recovery.window),
+                    (true, false) => format!(
+                        "{} (recovery unavailable on a Redis Cluster)",
+                        secs(self.recovery.window)
+                    ),
+                    (false, _) => "0 (recovery off)".into(),
+                },
+            ),
+            (
+                "CHANNELS_RECOVERY_MAX_MISSED",
+                self.recovery.max_missed.to_string(),
+            ),
             (
                 "CHANNELS_WORKER_THREADS",
                 self.worker_threads

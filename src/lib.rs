@@ -19,6 +19,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod notification;
+pub mod recovery;
 pub mod registry;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -29,11 +30,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{ApiKeys, UpstreamVerifier, WsTokens},
-    bus::{Bus, RedisBus},
+    bus::Bus,
     config::Config,
-    gateway::{Delivery, Gateway, SocketRegistry},
+    gateway::{Delivery, Gateway, RecoveryState, SocketRegistry},
     limits::{ConnectionLimit, Limiters, PeerAddr},
     metrics::Metrics,
+    recovery::NodeId,
     registry::RegistryStats,
 };
 
@@ -45,6 +47,11 @@ pub struct Node {
     io: SocketIo,
     shutting_down: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
+    /// Stops the bus's tasks once the sockets are closed, so the records of
+    /// their sessions' ends still go out.
+    stop_bus: CancellationToken,
+    /// Every other task the node started; awaited on shutdown.
+    tasks: Vec<JoinHandle<()>>,
     config: Config,
 }
 
@@ -72,16 +79,21 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         .await
         .map_err(StartError::Auth)?;
 
-    let delivery = Arc::new(Delivery::new(registry.clone(), metrics.clone(), &config));
-    let bus = match &config.redis {
-        Some(settings) => Bus::Redis(
-            RedisBus::start(settings, delivery, metrics.clone()).map_err(StartError::Bus)?,
-        ),
-        None => {
-            metrics.handles().bus_up.set(1);
-            Bus::local(delivery)
-        }
-    };
+    let node = NodeId::random();
+    let delivery = Arc::new(Delivery::new(
+        registry.clone(),
+        metrics.clone(),
+        &config,
+        config.recovers(),
+    ));
+    let stop_bus = CancellationToken::new();
+    let (bus, mut tasks) = Bus::start(&config, node, delivery, metrics.clone(), stop_bus.clone())
+        .map_err(StartError::Bus)?;
+    if config.recovery.enabled() && !config.recovers() {
+        tracing::warn!(
+            "connection state recovery is not available on a Redis Cluster: sessions are not recoverable"
+        );
+    }
 
     let shutting_down = CancellationToken::new();
     let state = http::AppState {
@@ -100,12 +112,16 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         ws_tokens,
         bus,
         metrics: metrics.clone(),
+        recovery: config.recovers().then(|| RecoveryState::new(&config, node)),
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
     let app = http::app(socket_io, &config, limiters.clone());
 
     let addr = listener.local_addr()?;
-    tokio::spawn(forget_idle_clients(limiters.clone(), shutting_down.clone()));
+    tasks.push(tokio::spawn(forget_idle_clients(
+        limiters.clone(),
+        shutting_down.clone(),
+    )));
     let listener = ConnectionLimit::new(
         listener,
         config.limits.max_connections,
@@ -129,6 +145,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         io,
         shutting_down,
         server,
+        stop_bus,
+        tasks,
         config,
     })
 }
@@ -161,14 +179,18 @@ impl Node {
     }
 
     /// Graceful shutdown (SPEC.md): turn not-ready and stop accepting, close
-    /// every socket so its client reconnects elsewhere, let in-flight HTTP
-    /// calls finish, all within `CHANNELS_SHUTDOWN_TIMEOUT`. Returns whether
-    /// everything finished in time.
+    /// every socket so its client reconnects elsewhere (and records its
+    /// session's end, so it can recover there), let in-flight HTTP calls
+    /// finish, then stop the bus and every task, all within
+    /// `CHANNELS_SHUTDOWN_TIMEOUT`. Returns whether everything finished in
+    /// time.
     pub async fn shutdown(self) -> bool {
         let Node {
             shutting_down,
             io,
             mut server,
+            stop_bus,
+            tasks,
             config,
             ..
         } = self;
@@ -176,6 +198,10 @@ impl Node {
         let graceful = async {
             io.close().await;
             let _ = (&mut server).await;
+            stop_bus.cancel();
+            for task in tasks {
+                let _ = task.await;
+            }
         };
         let in_time = tokio::time::timeout(config.shutdown_timeout, graceful)
             .await

@@ -62,6 +62,8 @@ pub struct Handles {
     pub bus_subscriptions: IntGauge,
     /// Sockets disconnected because their send queue overflowed.
     pub slow_client_disconnects: IntCounter,
+    /// Sessions that came back with a pid: `recovered`, or why not.
+    pub recoveries: IntCounterVec,
     /// Open TCP connections (HTTP calls, polling and websocket transports).
     pub connections: IntGauge,
     /// Calls and connections refused by a limit, by limit (see [`LIMITS`]).
@@ -114,6 +116,14 @@ impl Metrics {
             sockets: IntGauge::new("sockets", "Connected sockets on this node").expect("valid"),
             connects: IntCounterVec::new(
                 Opts::new("connects_total", "Socket.IO connection attempts by outcome"),
+                &["outcome"],
+            )
+            .expect("valid"),
+            recoveries: IntCounterVec::new(
+                Opts::new(
+                    "recoveries_total",
+                    "Sockets that reconnected with a recovery pid, by outcome",
+                ),
                 &["outcome"],
             )
             .expect("valid"),
@@ -190,6 +200,7 @@ impl Metrics {
             Box::new(handles.bus_publish_errors.clone()),
             Box::new(handles.bus_subscriptions.clone()),
             Box::new(handles.slow_client_disconnects.clone()),
+            Box::new(handles.recoveries.clone()),
             Box::new(handles.connections.clone()),
             Box::new(handles.limit_refusals.clone()),
         ] {
@@ -204,6 +215,18 @@ impl Metrics {
             "too_many_sockets",
         ] {
             handles.connects.with_label_values(&[outcome]);
+        }
+        for outcome in [
+            "recovered",
+            "bad_pid",
+            "closed",
+            "window_passed",
+            "no_record",
+            "trimmed",
+            "too_many",
+            "unavailable",
+        ] {
+            handles.recoveries.with_label_values(&[outcome]);
         }
         for variant in ["channel", "user", "user_channel"] {
             handles

@@ -90,4 +90,8 @@ pub struct Claims {
     pub sub: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<serde_json::Value>,
+    /// Expiry, seconds since the epoch (checked by the verifiers; read
+    /// here only where an expired ws token may still recover a session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
 }

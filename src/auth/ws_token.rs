@@ -27,7 +27,17 @@ struct Inner {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// `validation` without the expiry check, for [`WsTokens::verify_signed`].
+    signed_only: Validation,
     ttl: Duration,
+}
+
+/// A ws token whose signature, issuer and audience hold, and whether it
+/// has expired.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Signed {
+    pub subject: String,
+    pub expired: bool,
 }
 
 /// The claims written into a ws token.
@@ -48,11 +58,14 @@ impl WsTokens {
         validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
         // Our own nodes mint these; only their clocks' skew matters.
         validation.leeway = 5;
+        let mut signed_only = validation.clone();
+        signed_only.validate_exp = false;
         Self {
             inner: Arc::new(Inner {
                 encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
                 decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
                 validation,
+                signed_only,
                 ttl,
             }),
         }
@@ -90,6 +103,23 @@ impl WsTokens {
             jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)?;
         Ok(data.claims.sub)
     }
+
+    /// Verifies a ws token but its expiry, and says whether it expired:
+    /// SPEC.md lets an expired token of the same user recover a session
+    /// (never open a new one).
+    pub fn verify_signed(&self, token: &str) -> Result<Signed, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.signed_only)?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let exp = data.claims.exp.ok_or(TokenError::Malformed)?;
+        Ok(Signed {
+            subject: data.claims.sub,
+            expired: exp.saturating_add(self.inner.validation.leeway) < now,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -105,6 +135,33 @@ mod tests {
         let t = tokens(300);
         let user = KeycloakId::parse("alice").unwrap();
         assert_eq!(t.verify(&t.mint(&user)).unwrap(), "alice");
+    }
+
+    #[test]
+    fn an_expired_token_is_signed_but_expired_and_a_forged_one_is_neither() {
+        let t = tokens(300);
+        let secret = "a".repeat(40);
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({"sub": "alice", "iss": WS_ISSUER, "aud": WS_AUDIENCE, "iat": now - 4000, "exp": now - 3600});
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(t.verify(&expired), Err(TokenError::Expired));
+        assert_eq!(
+            t.verify_signed(&expired),
+            Ok(Signed {
+                subject: "alice".into(),
+                expired: true
+            })
+        );
+        let fresh = t.mint(&KeycloakId::parse("alice").unwrap());
+        assert!(!t.verify_signed(&fresh).unwrap().expired);
+        let other = WsTokens::new(&Secret::new("b".repeat(40)), Duration::from_secs(300));
+        let forged = other.mint(&KeycloakId::parse("alice").unwrap());
+        assert_eq!(t.verify_signed(&forged), Err(TokenError::Signature));
     }
 
     #[test]

@@ -2,34 +2,90 @@
 //!
 //! A bounded queue and one dispatcher task: the queue gives the same order to
 //! every publish that returned, and its bound turns a flood of `/notify` calls
-//! into back-pressure on the HTTP callers instead of unbounded memory.
+//! into back-pressure on the HTTP callers instead of unbounded memory. The
+//! dispatcher numbers each notification (its offset), keeps it in the
+//! [`MemoryHistory`] when recovery is on, and only then delivers it, so a
+//! recovering socket finds in the history whatever it was not delivered.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
-use super::{BusError, Deliver};
-use crate::notification::Notification;
+use super::{
+    BusError, Deliver,
+    history::{MemoryHistory, Missed, Recovering, merge},
+};
+use crate::{
+    config::Config,
+    notification::Notification,
+    recovery::{self, Ended, NotRecoverable, Offset, Origin, Session},
+};
 
 /// Notifications accepted but not yet dispatched. Past this, publishers wait.
 const QUEUE_CAPACITY: usize = 4096;
+/// How often the history drops what is past its retention.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publishing half of the in-process bus. Cheap to clone.
 #[derive(Clone)]
 pub struct LocalBus {
     tx: mpsc::Sender<Notification>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The offset of the last notification dispatched.
+    position: AtomicU64,
+    /// `None` when recovery is off.
+    history: Option<MemoryHistory>,
+    window: Duration,
+    max_missed: usize,
 }
 
 impl LocalBus {
-    /// Starts the dispatcher task, which runs until every `LocalBus` clone is dropped.
-    pub fn new(sink: Arc<dyn Deliver>) -> Self {
+    /// Starts the dispatcher task, which runs until every `LocalBus` clone is
+    /// dropped or `stop` is cancelled.
+    pub fn start(
+        config: &Config,
+        sink: Arc<dyn Deliver>,
+        stop: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Notification>(QUEUE_CAPACITY);
-        tokio::spawn(async move {
-            while let Some(notification) = rx.recv().await {
-                sink.deliver(&notification);
+        let shared = Arc::new(Shared {
+            position: AtomicU64::new(0),
+            history: config
+                .recovery
+                .enabled()
+                .then(|| MemoryHistory::new(config)),
+            window: config.recovery.window,
+            max_missed: config.recovery.max_missed,
+        });
+        let dispatcher = shared.clone();
+        let task = tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    notification = rx.recv() => {
+                        let Some(notification) = notification else { break };
+                        dispatcher.dispatch(notification, &*sink);
+                    }
+                    _ = sweep.tick() => {
+                        if let Some(history) = &dispatcher.history {
+                            history.sweep();
+                        }
+                    }
+                    _ = stop.cancelled() => break,
+                }
             }
         });
-        Self { tx }
+        (Self { tx, shared }, task)
     }
 
     pub async fn publish(&self, notification: Notification) -> Result<(), BusError> {
@@ -41,5 +97,56 @@ impl LocalBus {
 
     pub fn is_ready(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    /// The offset of the last notification dispatched.
+    pub fn position(&self) -> Offset {
+        self.shared.position.load(Ordering::Acquire)
+    }
+
+    /// Records how a session ended.
+    pub fn end_session(&self, session: &Session, ended: Ended) {
+        if let Some(history) = &self.shared.history {
+            history.end(session, ended);
+        }
+    }
+
+    /// What a returning session missed, or why it cannot have it.
+    pub fn recover(&self, recovering: &Recovering) -> Result<Vec<Missed>, NotRecoverable> {
+        let history = self
+            .shared
+            .history
+            .as_ref()
+            .ok_or(NotRecoverable::Unavailable)?;
+        // This process is the only node: it is alive, so only a record counts.
+        let origin = Origin::Seen {
+            at_ms: recovery::now_ms(),
+            stopped: false,
+        };
+        recovery::check_window(
+            history.ended(&recovering.session),
+            origin,
+            recovery::now_ms(),
+            self.shared.window,
+        )?;
+        merge(recovering, history.read(recovering), self.shared.max_missed)
+    }
+}
+
+impl Shared {
+    fn dispatch(&self, notification: Notification, sink: &dyn Deliver) {
+        let offset = self.position.load(Ordering::Relaxed) + 1;
+        match &self.history {
+            Some(history) => {
+                let notification = Arc::new(notification);
+                history.record(offset, notification.clone());
+                self.position.store(offset, Ordering::Release);
+                sink.deliver(offset, &notification);
+            }
+            None => {
+                self.position.store(offset, Ordering::Release);
+                sink.deliver(offset, &notification);
+            }
+        }
     }
 }

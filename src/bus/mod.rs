@@ -2,27 +2,39 @@
 //! and each node delivers to its own sockets only from what the bus hands
 //! back ([`Deliver`]). There is no local shortcut, so every node sees the
 //! notifications in the same order, the order in which publishes completed;
-//! that is SPEC.md's ordering guarantee.
+//! that is SPEC.md's ordering guarantee. The bus numbers them in that order
+//! (their offset), and keeps them in a history a returning session can be
+//! replayed from ([`history`]).
 //!
 //! [`Bus::Local`] is the in-process bus of a standalone node, [`Bus::Redis`]
 //! the Redis pub/sub of a cluster. The bus never reaches up into HTTP or
 //! socket.io: it only calls the [`Deliver`] sink it was built with, and is
 //! told which sockets come and go so it can subscribe to what they need.
 
+pub mod history;
 mod local;
 mod redis;
 
 use std::sync::Arc;
 
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 pub use local::LocalBus;
 pub use redis::{RedisBus, RedisSettings, UNSUBSCRIBE_DELAY};
 
-use crate::notification::{Channel, KeycloakId, Notification};
+use self::history::{Missed, Recovering};
+use crate::{
+    config::Config,
+    metrics::Metrics,
+    notification::{Channel, KeycloakId, Notification},
+    recovery::{Ended, NodeId, NotRecoverable, Offset, Session},
+};
 
-/// Where the bus hands every notification it receives. Implemented by the
-/// gateway, which writes to the matching local sockets.
+/// Where the bus hands every notification it receives, with its offset.
+/// Implemented by the gateway, which writes to the matching local sockets.
 pub trait Deliver: Send + Sync + 'static {
-    fn deliver(&self, notification: &Notification);
+    fn deliver(&self, offset: Offset, notification: &Notification);
 }
 
 /// Why a publish failed. Nothing was delivered anywhere, so the caller may
@@ -43,9 +55,26 @@ pub enum Bus {
 }
 
 impl Bus {
-    /// A standalone node's bus, delivering to `sink`.
-    pub fn local(sink: Arc<dyn Deliver>) -> Self {
-        Bus::Local(LocalBus::new(sink))
+    /// Starts the bus the configuration asks for, delivering to `sink`. Its
+    /// tasks run until `stop` is cancelled; the caller awaits the handles.
+    pub fn start(
+        config: &Config,
+        node: NodeId,
+        sink: Arc<dyn Deliver>,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) -> Result<(Self, Vec<JoinHandle<()>>), String> {
+        match &config.redis {
+            Some(settings) => {
+                let (bus, tasks) = RedisBus::start(config, settings, node, sink, metrics, stop)?;
+                Ok((Bus::Redis(bus), tasks))
+            }
+            None => {
+                metrics.handles().bus_up.set(1);
+                let (bus, task) = LocalBus::start(config, sink, stop);
+                Ok((Bus::Local(bus), vec![task]))
+            }
+        }
     }
 
     /// Publishes a notification to every node. When this returns `Ok`, the
@@ -79,6 +108,31 @@ impl Bus {
         match self {
             Bus::Local(bus) => bus.is_ready(),
             Bus::Redis(bus) => bus.is_ready(),
+        }
+    }
+
+    /// The offset a new session starts after: no notification at or before
+    /// it is replayed to it.
+    pub fn position(&self) -> Offset {
+        match self {
+            Bus::Local(bus) => bus.position(),
+            Bus::Redis(bus) => bus.position(),
+        }
+    }
+
+    /// Records how a session ended, without waiting.
+    pub fn end_session(&self, session: &Session, ended: Ended) {
+        match self {
+            Bus::Local(bus) => bus.end_session(session, ended),
+            Bus::Redis(bus) => bus.end_session(session, ended),
+        }
+    }
+
+    /// What a returning session missed, in order, or why it cannot have it.
+    pub async fn recover(&self, recovering: &Recovering) -> Result<Vec<Missed>, NotRecoverable> {
+        match self {
+            Bus::Local(bus) => bus.recover(recovering),
+            Bus::Redis(bus) => bus.recover(recovering).await,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Accepting a socket: check its `auth = { token, keycloakID, channel }`,
-//! register it, and make sure it is unregistered on every way out.
+//! register it, give it a recoverable session (or recover the one it
+//! returns with), and make sure it is unregistered on every way out.
 //!
 //! Registration happens in the middleware, before socketioxide sends the
 //! CONNECT acknowledgement: a client that has seen `connect` is therefore
@@ -10,10 +11,12 @@ use std::time::Duration;
 use serde_json::Value;
 use socketioxide::extract::{SocketRef, State, TryData};
 
-use super::{CONNECT_TIMEOUT, Gateway};
+use super::{CONNECT_TIMEOUT, Gateway, Recipient, RecoveryState, replay::Gate};
 use crate::{
     auth::WsTokens,
+    bus::history::Recovering,
     notification::{Channel, KeycloakId},
+    recovery::{self, Ended, NotRecoverable, Session},
 };
 
 /// Why a connection was refused; its text is the `connect_error` message the
@@ -46,6 +49,19 @@ impl ConnectRefusal {
 pub struct Credentials {
     pub user: KeycloakId,
     pub channel: Channel,
+    /// The token is correctly signed but expired: only a recovered session
+    /// may use it.
+    pub expired: bool,
+    /// What a reconnecting client added to its `auth` (socket.io 4.6+).
+    pub returning: Option<Returning>,
+}
+
+/// The `pid` and `offset` a reconnecting client sends, unchecked.
+#[derive(Debug)]
+pub struct Returning {
+    pub pid: String,
+    /// The last offset it received; `None` if it received nothing.
+    pub offset: Option<String>,
 }
 
 /// Checks an `auth` payload (`None` when it is not valid JSON).
@@ -68,24 +84,37 @@ pub fn check_auth(
         .and_then(|raw| Channel::parse(raw).ok())
         .ok_or(ConnectRefusal::BadRequest)?;
     let token = string("token").ok_or(ConnectRefusal::Unauthorized)?;
-    let subject = ws_tokens.verify(token).map_err(|e| {
+    let returning = string("pid").map(|pid| Returning {
+        pid: pid.to_string(),
+        offset: string("offset").map(str::to_string),
+    });
+    let signed = ws_tokens.verify_signed(token).map_err(|e| {
         tracing::debug!(reason = %e, "socket token refused");
         ConnectRefusal::Unauthorized
     })?;
-    if subject != user.as_str() {
+    if signed.subject != user.as_str() {
         tracing::debug!("socket token subject does not match keycloakID");
         return Err(ConnectRefusal::Unauthorized);
     }
-    Ok(Credentials { user, channel })
+    if signed.expired && returning.is_none() {
+        tracing::debug!("socket token expired");
+        return Err(ConnectRefusal::Unauthorized);
+    }
+    Ok(Credentials {
+        user,
+        channel,
+        expired: signed.expired,
+        returning,
+    })
 }
 
-/// The connect middleware: authenticates, then registers the socket.
+/// The connect middleware: authenticates, registers the socket, and gives
+/// it its session.
 pub(super) async fn authenticate(
     socket: SocketRef,
     TryData(auth): TryData<Value>,
     State(gateway): State<Gateway>,
 ) -> Result<(), ConnectRefusal> {
-    let connects = &gateway.metrics.handles().connects;
     // The id of the HTTP request that opened this connection (see `http::app`).
     let request_id = socket
         .req_parts()
@@ -94,48 +123,109 @@ pub(super) async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
-    let Credentials { user, channel } = match check_auth(&gateway.ws_tokens, auth.ok()) {
-        Ok(credentials) => credentials,
-        Err(refusal) => {
-            connects.with_label_values(&[refusal.label()]).inc();
-            tracing::info!(sid = %socket.id, request_id, reason = refusal.label(), "socket refused");
-            return Err(refusal);
-        }
-    };
-    // Reachable locally first, then subscribed on the bus; only then does
-    // socketioxide send the CONNECT acknowledgement.
-    if gateway
-        .registry
-        .insert(socket.id, &user, &channel, socket.clone())
-        .is_err()
-    {
-        let refusal = ConnectRefusal::TooManySockets;
-        connects.with_label_values(&[refusal.label()]).inc();
-        gateway.metrics.limit_refused("sockets_per_user");
+    let refuse = |refusal: ConnectRefusal| {
+        gateway
+            .metrics
+            .handles()
+            .connects
+            .with_label_values(&[refusal.label()])
+            .inc();
         tracing::info!(sid = %socket.id, request_id, reason = refusal.label(), "socket refused");
-        return Err(refusal);
-    }
-    connects.with_label_values(&["accepted"]).inc();
-    tracing::info!(sid = %socket.id, request_id, %channel, transport = ?socket.transport_type(), "socket accepted");
-    let member = Member {
-        gateway,
+        refusal
+    };
+    let credentials = check_auth(&gateway.ws_tokens, auth.ok()).map_err(refuse)?;
+    let Credentials {
         user,
         channel,
+        expired,
+        returning,
+    } = credentials;
+    let recovery = gateway.recovery.clone();
+    // Where a new session starts: read before registering, so nothing
+    // delivered live to this socket is at or before it.
+    let start = gateway.bus.position();
+    // Only a socket that may recover needs its live deliveries held.
+    let gate = match (&recovery, &returning) {
+        (Some(recovery), Some(_)) => Some(Gate::new(recovery.max_held)),
+        _ => None,
     };
-    let on_leave = member.clone();
-    socket.on_disconnect(move |s: SocketRef| async move { on_leave.unregister(&s) });
+    let recipient = Recipient {
+        socket: socket.clone(),
+        gate: gate.clone(),
+    };
+    // Reachable locally first, then subscribed on the bus, then (for a
+    // returning session) its history read; only then does socketioxide
+    // send the CONNECT acknowledgement.
+    if gateway
+        .registry
+        .insert(socket.id, &user, &channel, recipient)
+        .is_err()
+    {
+        gateway.metrics.limit_refused("sockets_per_user");
+        return Err(refuse(ConnectRefusal::TooManySockets));
+    }
+    let mut member = Member {
+        gateway: gateway.clone(),
+        user,
+        channel,
+        session: None,
+    };
     member
         .gateway
         .bus
         .subscribe_socket(&member.user, &member.channel)
         .await;
+    if let Some(recovery) = &recovery {
+        let recovered = match (&returning, &gate) {
+            (Some(returning), Some(gate)) => member.recover(recovery, returning, gate).await,
+            _ => None,
+        };
+        let session = match recovered {
+            Some(session) => {
+                socket.set_pid(returning.as_ref().map_or("", |r| r.pid.as_str()));
+                session
+            }
+            None if expired => {
+                member.unregister(&socket);
+                return Err(refuse(ConnectRefusal::Unauthorized));
+            }
+            None => {
+                let (session, pid) =
+                    recovery
+                        .pids
+                        .mint(recovery.node, start, &member.user, &member.channel);
+                socket.set_pid(pid);
+                session
+            }
+        };
+        member.session = Some(session);
+        if let Some(gate) = gate {
+            recovery.pending.insert(socket.id, gate);
+        }
+    }
+    gateway
+        .metrics
+        .handles()
+        .connects
+        .with_label_values(&["accepted"])
+        .inc();
+    tracing::info!(sid = %socket.id, request_id, channel = %member.channel, transport = ?socket.transport_type(), "socket accepted");
+    let on_leave = member.clone();
+    socket.on_disconnect(move |s: SocketRef| async move { on_leave.unregister(&s) });
     tokio::spawn(forget_if_never_connected(member, socket));
     Ok(())
 }
 
-/// The connect handler, called once the CONNECT acknowledgement is queued.
-/// Everything was done by the middleware.
-pub(super) async fn on_connect(_socket: SocketRef) {}
+/// The connect handler, called once the CONNECT acknowledgement is queued:
+/// writes a returning socket's replay, then what was held meanwhile.
+pub(super) async fn on_connect(socket: SocketRef, State(gateway): State<Gateway>) {
+    let Some(recovery) = &gateway.recovery else {
+        return;
+    };
+    if let Some((_, gate)) = recovery.pending.remove(&socket.id) {
+        gate.flush(&socket, recovery.give_up).await;
+    }
+}
 
 /// An accepted socket's registration, to undo when it leaves.
 #[derive(Clone)]
@@ -143,12 +233,61 @@ struct Member {
     gateway: Gateway,
     user: KeycloakId,
     channel: Channel,
+    /// Its recoverable session, when recovery is on.
+    session: Option<Session>,
 }
 
 impl Member {
+    /// Reads what the returning session missed into `gate`; `None` (a fresh
+    /// session) when it cannot be recovered.
+    async fn recover(
+        &self,
+        recovery: &RecoveryState,
+        returning: &Returning,
+        gate: &Gate,
+    ) -> Option<Session> {
+        let outcome = async {
+            let session = recovery
+                .pids
+                .verify(&returning.pid, &self.user, &self.channel)
+                .ok_or(NotRecoverable::BadPid)?;
+            let after = match &returning.offset {
+                None => session.start,
+                Some(raw) => recovery::parse_offset(raw).ok_or(NotRecoverable::BadPid)?,
+            };
+            let recovering = Recovering {
+                session,
+                user: self.user.clone(),
+                channel: self.channel.clone(),
+                after,
+            };
+            let missed = self.gateway.bus.recover(&recovering).await?;
+            Ok::<_, NotRecoverable>((session, missed))
+        }
+        .await;
+        let recoveries = &self.gateway.metrics.handles().recoveries;
+        match outcome {
+            Ok((session, missed)) => {
+                recoveries.with_label_values(&["recovered"]).inc();
+                tracing::debug!(missed = missed.len(), "session recovered");
+                gate.set_replay(missed);
+                Some(session)
+            }
+            Err(reason) => {
+                recoveries.with_label_values(&[reason.label()]).inc();
+                tracing::debug!(reason = %reason, "session not recoverable");
+                None
+            }
+        }
+    }
+
     /// Removes the socket from the registry and, the first time only,
-    /// releases its bus topics: both ways out below may run for one socket.
+    /// releases its bus topics and records its session's end: both ways
+    /// out below may run for one socket.
     fn unregister(&self, socket: &SocketRef) {
+        if let Some(recovery) = &self.gateway.recovery {
+            recovery.pending.remove(&socket.id);
+        }
         if self
             .gateway
             .registry
@@ -157,6 +296,11 @@ impl Member {
             self.gateway
                 .bus
                 .unsubscribe_socket(&self.user, &self.channel);
+            if let Some(session) = &self.session {
+                self.gateway
+                    .bus
+                    .end_session(session, Ended::At(recovery::now_ms()));
+            }
         }
     }
 }

@@ -15,12 +15,13 @@ use std::{sync::Arc, time::Duration};
 use dashmap::DashSet;
 use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
 
-use super::SocketRegistry;
+use super::{Recipient, SocketRegistry};
 use crate::{
     bus::Deliver,
     config::Config,
     metrics::Metrics,
     notification::{Notification, now_us},
+    recovery::Offset,
 };
 
 /// How often [`evict`] retries the DISCONNECT of a slow client.
@@ -36,33 +37,49 @@ pub struct Delivery {
     /// Slow clients being disconnected, so each is counted and evicted once
     /// however many notifications still find it meanwhile.
     evicting: Arc<DashSet<Sid>>,
+    /// Whether events carry their offset (recovery on): socket.io's client
+    /// takes a trailing string argument as the stream position.
+    offsets: bool,
 }
 
 impl Delivery {
-    pub fn new(registry: Arc<SocketRegistry>, metrics: Metrics, config: &Config) -> Self {
+    pub fn new(
+        registry: Arc<SocketRegistry>,
+        metrics: Metrics,
+        config: &Config,
+        offsets: bool,
+    ) -> Self {
         let evict_give_up = config.ping_interval + config.ping_timeout + Duration::from_secs(5);
         Self {
             registry,
             metrics,
             evict_give_up,
             evicting: Arc::default(),
+            offsets,
         }
     }
 }
 
 impl Deliver for Delivery {
-    fn deliver(&self, notification: &Notification) {
+    fn deliver(&self, offset: Offset, notification: &Notification) {
         let handles = self.metrics.handles();
         handles.bus_received.inc();
-        let mut sockets = Vec::new();
-        self.registry.lookup(&notification.target, &mut sockets);
-        if sockets.is_empty() {
+        let mut recipients = Vec::new();
+        self.registry.lookup(&notification.target, &mut recipients);
+        if recipients.is_empty() {
             return;
         }
         // Encoded once for all the sockets (`&RawValue` serialises as the
         // posted JSON text, verbatim): a channel of 2,000 sockets would
-        // otherwise serialise the message and its packet 2,000 times.
-        let event = match sockets[0].encode_event("notification", &*notification.msg) {
+        // otherwise serialise the message and its packet 2,000 times. The
+        // offset is the same for every socket, so it is encoded once too.
+        let first = &recipients[0].socket;
+        let encoded = if self.offsets {
+            first.encode_event("notification", &(&*notification.msg, offset.to_string()))
+        } else {
+            first.encode_event("notification", &*notification.msg)
+        };
+        let event = match encoded {
             Ok(event) => event,
             Err(e) => {
                 tracing::error!(id = %notification.id, error = %e, "notification not encodable");
@@ -70,8 +87,12 @@ impl Deliver for Delivery {
             }
         };
         let mut delivered = 0;
-        for socket in sockets {
-            match socket.emit_encoded(&event) {
+        for Recipient { socket, gate } in recipients {
+            let sent = match &gate {
+                None => socket.emit_encoded(&event),
+                Some(gate) => gate.send(&socket, offset, &event),
+            };
+            match sent {
                 Ok(()) => delivered += 1,
                 Err(SocketError::InternalChannelFull) => {
                     if self.evicting.insert(socket.id) {

@@ -1,9 +1,11 @@
 //! socket.io wiring: the connect middleware that authenticates a socket and
-//! registers it, and the [`Delivery`] sink that writes notifications from
-//! the bus to the registered sockets.
+//! registers it (recovering its session when it returns), and the
+//! [`Delivery`] sink that writes notifications from the bus to the
+//! registered sockets.
 
 mod connect;
 mod delivery;
+mod replay;
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,22 +13,72 @@ use socketioxide::{
     SocketIo, extract::SocketRef, handler::ConnectHandler, service::SocketIoService,
 };
 
-use crate::{auth::WsTokens, bus::Bus, config::Config, metrics::Metrics, registry::Registry};
+use dashmap::DashMap;
+use socketioxide::socket::Sid;
 
-pub use connect::{ConnectRefusal, Credentials, check_auth};
+use crate::{
+    auth::WsTokens,
+    bus::Bus,
+    config::Config,
+    metrics::Metrics,
+    recovery::{NodeId, Pids},
+    registry::Registry,
+};
+
+pub use connect::{ConnectRefusal, Credentials, Returning, check_auth};
 pub use delivery::Delivery;
+use replay::Gate;
 
 /// The sockets of this node, by channel and user.
-pub type SocketRegistry = Registry<SocketRef>;
+pub type SocketRegistry = Registry<Recipient>;
+
+/// A registered socket, as delivery finds it.
+#[derive(Clone)]
+pub struct Recipient {
+    pub socket: SocketRef,
+    /// Only for a socket that returned with a pid: holds live deliveries
+    /// until its replay is written.
+    gate: Option<Arc<Gate>>,
+}
 
 /// What the socket.io handlers share, given to socketioxide as its state.
 #[derive(Clone)]
 pub struct Gateway {
     pub registry: Arc<SocketRegistry>,
     pub ws_tokens: WsTokens,
-    /// Told of every socket that comes and goes, to subscribe to what it needs.
+    /// Told of every socket that comes and goes, to subscribe to what it
+    /// needs; numbers and keeps the notifications recovery replays.
     pub bus: Bus,
     pub metrics: Metrics,
+    /// `None` when sessions are not recoverable (recovery off, or a bus
+    /// that cannot keep the history).
+    pub recovery: Option<RecoveryState>,
+}
+
+/// What the connect path needs to give and recover sessions.
+#[derive(Clone)]
+pub struct RecoveryState {
+    pub pids: Pids,
+    pub node: NodeId,
+    /// Gates of sockets between their middleware and their connect
+    /// handler, which flushes them.
+    pending: Arc<DashMap<Sid, Arc<Gate>>>,
+    /// Live deliveries a gate holds at most.
+    max_held: usize,
+    /// How long a replay waits on a client that does not read.
+    give_up: Duration,
+}
+
+impl RecoveryState {
+    pub fn new(config: &Config, node: NodeId) -> Self {
+        Self {
+            pids: Pids::new(&config.ws_token_secret),
+            node,
+            pending: Arc::default(),
+            max_held: config.socket_queue * 4,
+            give_up: config.ping_interval + config.ping_timeout,
+        }
+    }
 }
 
 /// How long a client has to send its CONNECT packet after the engine.io

@@ -17,7 +17,7 @@ use crate::{
 use socketioxide_core::{
     Sid, Str, Uid, Value,
     adapter::{BroadcastIter, CoreLocalAdapter, RemoteSocketData, SocketEmitter},
-    packet::{ConnectPacket, Packet, PacketData},
+    packet::{Packet, PacketData},
     parser::Parse,
 };
 
@@ -122,6 +122,10 @@ impl<A: Adapter> Namespace<A> {
 
     /// Connects a socket to a namespace.
     ///
+    /// The acknowledgement carries the socket's `pid` when a middleware set
+    /// one ([`Socket::set_pid`]), as socket.io 4.6+ does for connection
+    /// state recovery.
+    ///
     /// Middlewares are first called to check if the connection is allowed.
     /// * If the handler returns an error, a connect_error packet is sent to the client.
     /// * If the handler returns Ok, a connect packet is sent to the client and the handler `is` called.
@@ -168,7 +172,10 @@ impl<A: Adapter> Namespace<A> {
         tracing::trace!(?socket.id, ?self.path, "socket added to namespace");
 
         let protocol = esocket.protocol.into();
-        let payload = ConnectPacket { sid: socket.id };
+        let payload = ConnectAck {
+            sid: socket.id,
+            pid: socket.pid(),
+        };
         let payload = match protocol {
             ProtocolVersion::V5 => Some(self.parser.encode_default(&payload).unwrap()),
             ProtocolVersion::V4 => None,
@@ -476,6 +483,15 @@ impl<A: Adapter> Drop for Namespace<A> {
     }
 }
 
+/// The CONNECT acknowledgement's payload: socketioxide-core's `ConnectPacket`
+/// and the recovery `pid`, which socket.io 4.6+ sends beside the `sid`.
+#[derive(serde::Serialize)]
+struct ConnectAck<'a> {
+    sid: Sid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<&'a str>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,3 +652,4 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
+

@@ -145,6 +145,15 @@ pub struct EncodedEvent<A: Adapter = LocalAdapter> {
     value: Value,
 }
 
+impl<A: Adapter> Clone for EncodedEvent<A> {
+    fn clone(&self) -> Self {
+        Self {
+            ns: self.ns.clone(),
+            value: self.value.clone(),
+        }
+    }
+}
+
 /// A RemoteSocket is a [`Socket`] that is remotely connected on another server.
 /// It implements a subset of the [`Socket`] API.
 pub struct RemoteSocket<A> {
@@ -310,6 +319,9 @@ pub struct Socket<A: Adapter = LocalAdapter> {
     ack_sweep_at: AtomicUsize,
     ack_counter: AtomicI64,
     connected: AtomicBool,
+    /// The private session id of connection state recovery, sent in the
+    /// CONNECT acknowledgement when a connect middleware set it.
+    pid: std::sync::OnceLock<Box<str>>,
     pub(crate) parser: Parser,
     /// The socket id
     pub id: Sid,
@@ -340,6 +352,7 @@ impl<A: Adapter> Socket<A> {
             ack_sweep_at: AtomicUsize::new(ACK_SWEEP_MIN),
             ack_counter: AtomicI64::new(0),
             connected: AtomicBool::new(false),
+            pid: std::sync::OnceLock::new(),
             parser,
             id: sid,
             #[cfg(feature = "extensions")]
@@ -546,6 +559,19 @@ impl<A: Adapter> Socket<A> {
             ns: self.ns.clone(),
             value,
         })
+    }
+
+    /// Sets the private session id (`pid`) of socket.io's connection state
+    /// recovery, sent with the CONNECT acknowledgement as
+    /// `{"sid":…,"pid":…}`. Call it from a connect middleware; once set it
+    /// stays (a second call is ignored).
+    pub fn set_pid(&self, pid: impl Into<Box<str>>) {
+        let _ = self.pid.set(pid.into());
+    }
+
+    /// The private session id set by [`Socket::set_pid`].
+    pub fn pid(&self) -> Option<&str> {
+        self.pid.get().map(|pid| &**pid)
     }
 
     /// Sends an event encoded by [`Socket::encode_event`]: as [`Socket::emit`],

@@ -1,0 +1,242 @@
+//! The recovery history in Redis, and the records recovery reads beside it.
+//!
+//! * **One sequence, assigned with the publish.** [`PUBLISH_SCRIPT`] does
+//!   `INCR` of `{prefix}:seq`, `XADD` to the target's stream with the
+//!   sequence number as the entry id, and `PUBLISH` of `"<seq> <json>"`,
+//!   atomically: an entry is in the history exactly when its message went
+//!   out, and the numbers follow the order every subscriber receives in.
+//!   (Lua numbers are doubles: offsets stay below 2^53, exact, until the
+//!   year 2255, and are formatted with `%.0f`, never in exponent form.)
+//!   The sequence starts at Redis's clock in ms × 1000 when its key is
+//!   missing, so after a Redis that lost its data comes back the new
+//!   offsets are above every old one.
+//! * **Streams** `{prefix}:h:c:{channel}` and `{prefix}:h:u:{user}`, capped
+//!   at `CHANNELS_RECOVERY_MAX_MISSED` entries (`MAXLEN ~`, whole nodes) and
+//!   expiring after the retention (`super::super::history::retention`)
+//!   without a publish.
+//! * **Session ends** `{prefix}:r:{session}`: `"<ms>"` or `"closed"`, kept
+//!   for the window; written by the node that held the socket.
+//! * **Heartbeats** `{prefix}:n:{node}`: `"<ms>"` every second, `"<ms>
+//!   stopped"` at a graceful shutdown, kept for the retention, so a session
+//!   whose node died without writing its end can still be judged.
+//! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat and
+//!   both of its streams after the offset in one round trip.
+//!
+//! On a Redis Cluster the streams and the sequence would sit on different
+//! shards, which one script cannot reach: recovery is off there (see
+//! `RedisBus::start`).
+
+use redis::{Script, Value};
+use std::sync::{Arc, LazyLock};
+
+use super::super::history::{Missed, Recovering, StreamKey, StreamRead};
+use crate::{
+    notification::Notification,
+    recovery::{Ended, NodeId, Offset, Origin, Session},
+};
+
+/// See the module documentation. KEYS: sequence, stream. ARGV: topic,
+/// payload, max entries, retention in ms.
+pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', KEYS[1], string.format('%.0f', ms * 1000))
+end
+local seq = string.format('%.0f', redis.call('INCR', KEYS[1]))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'n', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[2])
+return seq
+",
+    )
+});
+
+/// KEYS: session record, origin heartbeat, channel stream, user stream.
+/// ARGV: the offset after which to read, the most entries per stream.
+/// Returns the record, the heartbeat, then per stream its entries ever
+/// added, its length, its first id and its entries after the offset.
+pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = { redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) }
+for i = 3, 4 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[i])
+    local fields = {}
+    for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
+    table.insert(out, fields['entries-added'])
+    table.insert(out, fields['length'])
+    table.insert(out, fields['recorded-first-entry-id'])
+    table.insert(out, redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2]))
+  else
+    table.insert(out, 0)
+    table.insert(out, 0)
+    table.insert(out, '0-0')
+    table.insert(out, {})
+  end
+end
+return out
+",
+    )
+});
+
+/// Key names under the bus's prefix.
+pub struct Keys<'a>(pub &'a str);
+
+impl Keys<'_> {
+    pub fn sequence(&self) -> String {
+        format!("{}:seq", self.0)
+    }
+    pub fn stream(&self, key: &StreamKey) -> String {
+        match key {
+            StreamKey::Channel(channel) => format!("{}:h:c:{channel}", self.0),
+            StreamKey::User(user) => format!("{}:h:u:{user}", self.0),
+        }
+    }
+    pub fn session(&self, session: &Session) -> String {
+        format!("{}:r:{:032x}", self.0, session.id)
+    }
+    pub fn heartbeat(&self, node: NodeId) -> String {
+        format!("{}:n:{:016x}", self.0, node.0)
+    }
+}
+
+/// The value of a session's end record.
+pub fn ended_value(ended: Ended) -> String {
+    match ended {
+        Ended::At(ms) => ms.to_string(),
+        Ended::Closed => "closed".into(),
+    }
+}
+
+/// The value of a heartbeat.
+pub fn heartbeat_value(at_ms: u64, stopped: bool) -> String {
+    if stopped {
+        format!("{at_ms} stopped")
+    } else {
+        at_ms.to_string()
+    }
+}
+
+/// What [`RECOVER_SCRIPT`] answered, decoded.
+pub struct RecoverReply {
+    pub ended: Option<Ended>,
+    pub origin: Origin,
+    pub reads: Vec<StreamRead>,
+}
+
+/// Decodes [`RECOVER_SCRIPT`]'s answer; `None` when it is not of its shape.
+pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverReply> {
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let [record, heartbeat, streams @ ..] = parts.as_slice() else {
+        return None;
+    };
+    let ended = match text(record) {
+        None => None,
+        Some("closed") => Some(Ended::Closed),
+        Some(ms) => Some(Ended::At(ms.parse().ok()?)),
+    };
+    let origin = match text(heartbeat) {
+        None => Origin::Unknown,
+        Some(beat) => {
+            let (ms, stopped) = match beat.split_once(' ') {
+                Some((ms, "stopped")) => (ms, true),
+                _ => (beat, false),
+            };
+            Origin::Seen {
+                at_ms: ms.parse().ok()?,
+                stopped,
+            }
+        }
+    };
+    let mut reads = Vec::new();
+    for stream in streams.chunks(4) {
+        let [added, length, first, entries] = stream else {
+            return None;
+        };
+        let (added, length) = (integer(added)?, integer(length)?);
+        let first = id_sequence(text(first)?)?;
+        // Trimming drops the oldest entries, all of them before `first`:
+        // something after the offset may be gone only if `first` is
+        // beyond the entry right after the offset.
+        let trimmed_after = added > length && first.saturating_sub(1) > recovering.after;
+        let Value::Array(entries) = entries else {
+            return None;
+        };
+        let entries = entries
+            .iter()
+            .map(decode_entry)
+            .collect::<Option<Vec<Missed>>>()?;
+        reads.push(StreamRead {
+            entries,
+            trimmed_after,
+        });
+    }
+    Some(RecoverReply {
+        ended,
+        origin,
+        reads,
+    })
+}
+
+/// One stream entry: `[id, ["n", payload]]`.
+fn decode_entry(entry: &Value) -> Option<Missed> {
+    let Value::Array(entry) = entry else {
+        return None;
+    };
+    let [id, Value::Array(fields)] = entry.as_slice() else {
+        return None;
+    };
+    let [_, Value::BulkString(payload)] = fields.as_slice() else {
+        return None;
+    };
+    let notification: Notification = serde_json::from_slice(payload).ok()?;
+    Some((id_sequence(text(id)?)?, Arc::new(notification)))
+}
+
+/// The sequence number of a stream id `"<seq>-0"`.
+fn id_sequence(id: &str) -> Option<Offset> {
+    id.split_once('-')?.0.parse().ok()
+}
+
+fn text(value: &Value) -> Option<&str> {
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn integer(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// Splits a bus message `"<seq> <json>"`.
+pub fn split_message(payload: &[u8]) -> Option<(Offset, &[u8])> {
+    let space = payload.iter().position(|&b| b == b' ')?;
+    let offset = std::str::from_utf8(&payload[..space]).ok()?.parse().ok()?;
+    Some((offset, &payload[space + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bus_message_is_its_offset_then_its_json() {
+        assert_eq!(
+            split_message(b"42 {\"a\":1}"),
+            Some((42, &b"{\"a\":1}"[..]))
+        );
+        assert_eq!(split_message(b"{\"a\":1}"), None);
+        assert_eq!(split_message(b"x {}"), None);
+    }
+}

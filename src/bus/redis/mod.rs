@@ -1,0 +1,331 @@
+//! The cluster bus: Redis pub/sub between nodes, and the recovery history
+//! beside it.
+//!
+//! * **Publish** ([`publisher`]): one script per notification on a single
+//!   Redis with recovery on (sequence, history entry and `PUBLISH` at once,
+//!   [`history`]), a plain `PUBLISH` (or `SPUBLISH` on a Redis Cluster)
+//!   otherwise, on a shared multiplexed connection that pipelines
+//!   concurrent calls. `/notify` is answered once Redis has executed it, and
+//!   Redis hands messages to each subscriber connection in execution order:
+//!   that is the ordering guarantee.
+//! * **Targeted subscriptions** ([`topics`], [`subscriber`]): a node
+//!   subscribes to `{prefix}:c:{channel}` and `{prefix}:u:{keycloak}` only
+//!   while it holds a local socket in that channel or of that user (the
+//!   user-channel variant rides the user topic; delivery filters by
+//!   channel).
+//! * **Recovery** ([`history`]): one round trip reads a returning session's
+//!   record, its node's heartbeat and its two streams.
+//! * [`connection`] is the one place that tells a single Redis from a Redis
+//!   Cluster.
+
+mod connection;
+mod history;
+mod publisher;
+mod subscriber;
+mod topics;
+
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    connection::{Connection, Connector},
+    history::{Keys, RECOVER_SCRIPT, decode_recover, ended_value},
+    publisher::{Job, Publisher},
+    subscriber::{Request, Subscriber},
+};
+use super::{
+    BusError, Deliver,
+    history::{Missed, Recovering, StreamKey, merge, retention},
+};
+use crate::{
+    config::Config,
+    metrics::Metrics,
+    notification::{Channel, KeycloakId, Notification, Target},
+    recovery::{self, Ended, NodeId, NotRecoverable, Offset, Session},
+};
+
+pub use topics::UNSUBSCRIBE_DELAY;
+
+/// How to reach Redis. Its `Debug` masks passwords in the URLs.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `CHANNELS_REDIS_URL`: one `redis://` / `rediss://` URL, or, for a
+    /// cluster, several comma-separated seed nodes.
+    pub urls: Vec<String>,
+    /// `CHANNELS_REDIS_CLUSTER`: use sharded pub/sub on a Redis Cluster.
+    pub cluster: bool,
+    /// `CHANNELS_REDIS_PREFIX`: prefix of every topic name.
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| crate::config::mask_url(u))
+            .collect();
+        f.debug_struct("RedisSettings")
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// The publishing half of the Redis bus. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBus {
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedSender<Request>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Jobs waiting for the [`Publisher`]; past this, `/notify` handlers wait.
+const JOB_QUEUE: usize = 4096;
+
+/// Recovery settings, when recovery is on.
+#[derive(Clone, Copy)]
+struct HistorySettings {
+    retention: Duration,
+    max_missed: usize,
+    window: Duration,
+}
+
+/// State shared by the publishers and the [`Subscriber`] task.
+struct Shared {
+    prefix: String,
+    node: NodeId,
+    /// `None` when recovery is off.
+    recovery: Option<HistorySettings>,
+    /// The publishing connection; `None` while Redis is unreachable. A std
+    /// `RwLock`: held only to clone the handle, never across an `.await`.
+    publisher: RwLock<Option<Connection>>,
+    /// True once connected and every needed topic is subscribed again.
+    ready: AtomicBool,
+    /// Generation of the current connections, so a loss reported for an
+    /// older one is ignored.
+    generation: AtomicU64,
+    /// The highest offset this node has seen published or received: where
+    /// a new session starts.
+    position: AtomicU64,
+    /// Lost connections, by generation, for the [`Subscriber`].
+    lost: mpsc::UnboundedSender<u64>,
+    metrics: Metrics,
+}
+
+impl Shared {
+    /// The publishing connection and its generation.
+    fn connection(&self) -> (Option<Connection>, u64) {
+        let connection = self
+            .publisher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (connection, self.generation.load(Ordering::Acquire))
+    }
+
+    fn set_connection(&self, connection: Option<Connection>) {
+        *self.publisher.write().unwrap_or_else(|p| p.into_inner()) = connection;
+    }
+}
+
+impl RedisBus {
+    /// Starts the [`Subscriber`] and [`Publisher`] tasks, which connect in
+    /// the background (the node starts, not ready, even when Redis is
+    /// down) and run until `stop`; the caller awaits their handles.
+    pub fn start(
+        config: &Config,
+        settings: &RedisSettings,
+        node: NodeId,
+        sink: Arc<dyn Deliver>,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) -> Result<(Self, Vec<JoinHandle<()>>), String> {
+        let connector = Connector::new(settings)?;
+        let recovery = config.recovers().then(|| HistorySettings {
+            retention: retention(config),
+            max_missed: config.recovery.max_missed,
+            window: config.recovery.window,
+        });
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let (jobs, jobs_rx) = mpsc::channel(JOB_QUEUE);
+        let shared = Arc::new(Shared {
+            prefix: settings.prefix.clone(),
+            node,
+            recovery,
+            publisher: RwLock::new(None),
+            ready: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            position: AtomicU64::new(0),
+            lost: lost_tx,
+            metrics,
+        });
+        let subscriber = Subscriber {
+            connector,
+            shared: shared.clone(),
+            sink,
+            topics: Default::default(),
+            connection: None,
+            backoff: subscriber::BACKOFF_MIN,
+            next_attempt: Instant::now(),
+            attempts: 0,
+            ever_connected: false,
+        };
+        let tasks = vec![
+            tokio::spawn(subscriber.run(requests_rx, lost_rx, stop.clone())),
+            tokio::spawn(Publisher::run(shared.clone(), jobs_rx, stop)),
+        ];
+        Ok((
+            Self {
+                shared,
+                requests,
+                jobs,
+            },
+            tasks,
+        ))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// Publishes to the notification's topic (and history). Fails fast while
+    /// not ready.
+    pub async fn publish(&self, notification: Notification) -> Result<(), BusError> {
+        if !self.is_ready() {
+            return Err(BusError::Unavailable);
+        }
+        let prefix = &self.shared.prefix;
+        let topic = match &notification.target {
+            Target::Channel { channel } => channel_topic(prefix, channel),
+            Target::User { keycloak } | Target::UserChannel { keycloak, .. } => {
+                user_topic(prefix, keycloak)
+            }
+        };
+        let stream = self
+            .shared
+            .recovery
+            .map(|_| Keys(prefix).stream(&StreamKey::of(&notification.target)));
+        let payload = serde_json::to_vec(&notification).expect("a Notification serialises");
+        let (done, outcome) = oneshot::channel();
+        let job = Job::Publish {
+            topic,
+            stream,
+            payload,
+            done,
+        };
+        if self.jobs.send(job).await.is_err() {
+            return Err(BusError::Unavailable);
+        }
+        outcome.await.unwrap_or(Err(BusError::Unavailable))
+    }
+
+    /// The highest offset this node has seen.
+    pub fn position(&self) -> Offset {
+        self.shared.position.load(Ordering::Acquire)
+    }
+
+    /// Records how a session ended, without waiting (the [`Publisher`]
+    /// sends it with the next batch; lost if Redis is away, which only
+    /// makes the session unrecoverable).
+    pub fn end_session(&self, session: &Session, ended: Ended) {
+        let Some(settings) = self.shared.recovery else {
+            return;
+        };
+        let mut command = redis::cmd("SET");
+        command
+            .arg(Keys(&self.shared.prefix).session(session))
+            .arg(ended_value(ended))
+            .arg("PX")
+            .arg(settings.window.as_millis() as u64);
+        if self.jobs.try_send(Job::Write(command)).is_err() {
+            tracing::debug!("session end not recorded: the Redis queue is full");
+        }
+    }
+
+    /// What a returning session missed, or why it cannot have it.
+    pub async fn recover(&self, recovering: &Recovering) -> Result<Vec<Missed>, NotRecoverable> {
+        let settings = self.shared.recovery.ok_or(NotRecoverable::Unavailable)?;
+        let (Some(mut connection), _) = self.shared.connection() else {
+            return Err(NotRecoverable::Unavailable);
+        };
+        let keys = Keys(&self.shared.prefix);
+        let [channel_stream, user_stream] = recovering.streams();
+        let mut invocation = RECOVER_SCRIPT.prepare_invoke();
+        invocation
+            .key(keys.session(&recovering.session))
+            .key(keys.heartbeat(recovering.session.origin))
+            .key(keys.stream(&channel_stream))
+            .key(keys.stream(&user_stream))
+            .arg(recovering.after)
+            .arg(settings.max_missed + 1);
+        let reply = connection
+            .invoke::<redis::Value>(&invocation)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "recovery read from Redis failed");
+                NotRecoverable::Unavailable
+            })?;
+        let reply = decode_recover(reply, recovering).ok_or_else(|| {
+            tracing::warn!("recovery read from Redis of unexpected shape");
+            NotRecoverable::Unavailable
+        })?;
+        recovery::check_window(
+            reply.ended,
+            reply.origin,
+            recovery::now_ms(),
+            settings.window,
+        )?;
+        merge(recovering, reply.reads, settings.max_missed)
+    }
+
+    /// Returns once the topics a socket of `user` in `channel` needs are
+    /// subscribed (or at once while Redis is away: they will be subscribed
+    /// before the bus is ready again).
+    pub async fn subscribe_socket(&self, user: &KeycloakId, channel: &Channel) {
+        let (done, confirmed) = oneshot::channel();
+        let topics = self.topics(user, channel);
+        if self
+            .requests
+            .send(Request::Subscribe { topics, done })
+            .is_ok()
+        {
+            let _ = confirmed.await;
+        }
+    }
+
+    /// The socket of `user` in `channel` left.
+    pub fn unsubscribe_socket(&self, user: &KeycloakId, channel: &Channel) {
+        let topics = self.topics(user, channel);
+        let _ = self.requests.send(Request::Unsubscribe { topics });
+    }
+
+    fn topics(&self, user: &KeycloakId, channel: &Channel) -> [String; 2] {
+        [
+            channel_topic(&self.shared.prefix, channel),
+            user_topic(&self.shared.prefix, user),
+        ]
+    }
+}
+
+fn channel_topic(prefix: &str, channel: &Channel) -> String {
+    format!("{prefix}:c:{channel}")
+}
+
+fn user_topic(prefix: &str, user: &KeycloakId) -> String {
+    format!("{prefix}:u:{user}")
+}

@@ -1,0 +1,243 @@
+//! The [`Subscriber`] task: it owns the subscription connection and the
+//! topic table, serialises every SUBSCRIBE/UNSUBSCRIBE (so they reach Redis
+//! in the order they were decided), notices a lost connection (a push of
+//! kind `Disconnection`, or a failed write reported by the publisher),
+//! reconnects with capped exponential backoff and jitter, resubscribes
+//! every topic its sockets need, and only then reports ready again. While
+//! Redis is away, sockets stay connected and `/notify` answers 503; the
+//! topic table stays bounded by the local sockets.
+//!
+//! Delivery happens in the subscription connection's push handler, straight
+//! into [`Deliver`]: no intermediate queue to grow or to drop from.
+//! Delivery never blocks (socket queues are bounded and written with
+//! `try_send`), so the handler is quick; if it ever lags, Redis buffers
+//! (and applies its `client-output-buffer-limit pubsub`).
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use redis::{PushInfo, PushKind, Value};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Shared,
+    connection::{Connection, Connector, PushHandler},
+    history::split_message,
+    topics::{Topics, UNSUBSCRIBE_DELAY},
+};
+use crate::{bus::Deliver, notification::Notification};
+
+/// First and largest wait between two reconnection attempts (before jitter).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Topics per SUBSCRIBE command when resubscribing everything.
+const SUBSCRIBE_CHUNK: usize = 512;
+
+/// What the gateway asks of the [`Subscriber`].
+pub enum Request {
+    /// A socket arrived: make sure its topics are subscribed, then answer.
+    Subscribe {
+        topics: [String; 2],
+        done: oneshot::Sender<()>,
+    },
+    /// A socket left: its topics may be unsubscribed after the delay.
+    Unsubscribe { topics: [String; 2] },
+}
+
+pub struct Subscriber {
+    pub connector: Connector,
+    pub shared: Arc<Shared>,
+    pub sink: Arc<dyn Deliver>,
+    pub topics: Topics,
+    /// The subscription connection; `None` while Redis is unreachable.
+    pub connection: Option<Connection>,
+    pub backoff: Duration,
+    pub next_attempt: Instant,
+    /// Connection attempts so far; numbers the generations.
+    pub attempts: u64,
+    pub ever_connected: bool,
+}
+
+impl Subscriber {
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut lost: mpsc::UnboundedReceiver<u64>,
+        stop: CancellationToken,
+    ) {
+        let mut sweep = tokio::time::interval(UNSUBSCRIBE_DELAY / 2);
+        loop {
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(request) = request else { break };
+                    // Take everything already waiting: one SUBSCRIBE for a burst of connects.
+                    let mut batch = vec![request];
+                    while batch.len() < SUBSCRIBE_CHUNK {
+                        match requests.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle(batch).await;
+                }
+                Some(generation) = lost.recv() => {
+                    if generation == self.shared.generation.load(Ordering::Acquire) && self.connection.is_some() {
+                        self.down("connection to Redis lost");
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_attempt), if self.connection.is_none() => {
+                    self.reconnect().await;
+                }
+                _ = sweep.tick() => self.sweep().await,
+                _ = stop.cancelled() => break,
+            }
+        }
+    }
+
+    async fn handle(&mut self, batch: Vec<Request>) {
+        let mut missing: Vec<String> = Vec::new();
+        let mut waiters = Vec::new();
+        let now = Instant::now();
+        for request in batch {
+            match request {
+                Request::Subscribe { topics, done } => {
+                    self.topics.add(topics, &mut missing);
+                    waiters.push(done);
+                }
+                Request::Unsubscribe { topics } => self.topics.remove(topics, now),
+            }
+        }
+        if !missing.is_empty()
+            && let Some(connection) = self.connection.as_mut()
+        {
+            match connection.subscribe(&missing).await {
+                Ok(()) => self.topics.confirm(&missing),
+                Err(e) => self.down(&format!("SUBSCRIBE failed: {e}")),
+            }
+        }
+        self.report_subscriptions();
+        for done in waiters {
+            let _ = done.send(());
+        }
+    }
+
+    /// Unsubscribes the topics idle for longer than [`UNSUBSCRIBE_DELAY`].
+    async fn sweep(&mut self) {
+        let unsubscribe = self.topics.sweep(Instant::now());
+        if !unsubscribe.is_empty()
+            && let Some(connection) = self.connection.as_mut()
+            && let Err(e) = connection.unsubscribe(&unsubscribe).await
+        {
+            self.down(&format!("UNSUBSCRIBE failed: {e}"));
+        }
+        self.report_subscriptions();
+    }
+
+    /// Marks the bus down and schedules a reconnection.
+    fn down(&mut self, why: &str) {
+        tracing::warn!(
+            reason = why,
+            "Redis bus down; /notify answers 503 until it is back"
+        );
+        self.shared.ready.store(false, Ordering::Release);
+        self.shared.metrics.handles().bus_up.set(0);
+        self.shared.set_connection(None);
+        self.connection = None;
+        self.topics.forget_subscriptions();
+        self.schedule_retry();
+    }
+
+    fn schedule_retry(&mut self) {
+        // Full jitter around the current backoff, so nodes do not reconnect in lockstep.
+        let jittered = self.backoff.mul_f64(0.5 + fastrand::f64());
+        self.next_attempt = Instant::now() + jittered;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Connects both connections and resubscribes every needed topic; only
+    /// then is the bus ready.
+    async fn reconnect(&mut self) {
+        // Every attempt gets its own number, so a late loss report from the
+        // connection of a failed attempt cannot pass for the current one.
+        self.attempts += 1;
+        let generation = self.attempts;
+        let needed = self.topics.resubscribe_set();
+        let attempt = async {
+            let publisher = self.connector.connect(None).await?;
+            let mut subscriber = self
+                .connector
+                .connect(Some(self.push_handler(generation)))
+                .await?;
+            for chunk in needed.chunks(SUBSCRIBE_CHUNK) {
+                subscriber.subscribe(chunk).await?;
+            }
+            Ok::<_, redis::RedisError>((publisher, subscriber))
+        };
+        match attempt.await {
+            Ok((publisher, subscriber)) => {
+                self.topics.confirm_all();
+                self.shared.generation.store(generation, Ordering::Release);
+                self.shared.set_connection(Some(publisher));
+                self.connection = Some(subscriber);
+                self.backoff = BACKOFF_MIN;
+                let handles = self.shared.metrics.handles();
+                if self.ever_connected {
+                    handles.bus_reconnects.inc();
+                }
+                self.ever_connected = true;
+                handles.bus_up.set(1);
+                self.shared.ready.store(true, Ordering::Release);
+                self.report_subscriptions();
+                tracing::info!(topics = needed.len(), "Redis bus connected");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?self.backoff, "cannot reach Redis");
+                self.schedule_retry();
+            }
+        }
+    }
+
+    /// Delivers messages straight from the connection, and reports its loss.
+    fn push_handler(&self, generation: u64) -> PushHandler {
+        let sink = self.sink.clone();
+        let shared = self.shared.clone();
+        Box::new(move |push: PushInfo| {
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => match push.data.as_slice() {
+                    [_, Value::BulkString(payload)] => {
+                        let parsed = split_message(payload).and_then(|(offset, json)| {
+                            Some((offset, serde_json::from_slice::<Notification>(json).ok()?))
+                        });
+                        match parsed {
+                            Some((offset, notification)) => {
+                                shared.position.fetch_max(offset, Ordering::AcqRel);
+                                sink.deliver(offset, &notification);
+                            }
+                            None => tracing::warn!("unreadable bus message dropped"),
+                        }
+                    }
+                    _ => tracing::warn!("bus message of unexpected shape dropped"),
+                },
+                PushKind::Disconnection => {
+                    let _ = shared.lost.send(generation);
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+    }
+
+    fn report_subscriptions(&self) {
+        self.shared
+            .metrics
+            .handles()
+            .bus_subscriptions
+            .set(self.topics.subscribed() as i64);
+    }
+}
