@@ -66,6 +66,9 @@ pub struct Recovering {
     pub channel: Channel,
     /// The last offset the client received, or the session's start.
     pub after: Offset,
+    /// This node just closed the session's previous socket: it ended now,
+    /// whether or not its record has reached the history yet.
+    pub ended_now: bool,
 }
 
 impl Recovering {
@@ -269,6 +272,7 @@ mod tests {
             user: user(),
             channel: channel("admin"),
             after,
+            ended_now: false,
         }
     }
     fn texts(missed: &[Missed]) -> Vec<(Offset, String)> {

@@ -123,12 +123,10 @@ impl LocalBus {
             at_ms: recovery::now_ms(),
             stopped: false,
         };
-        recovery::check_window(
-            history.ended(&recovering.session),
-            origin,
-            recovery::now_ms(),
-            self.shared.window,
-        )?;
+        let ended = history
+            .ended(&recovering.session)
+            .or(recovering.ended_now.then(|| Ended::At(recovery::now_ms())));
+        recovery::check_window(ended, origin, recovery::now_ms(), self.shared.window)?;
         merge(recovering, history.read(recovering), self.shared.max_missed)
     }
 }

@@ -35,6 +35,11 @@ use crate::{
 /// Implemented by the gateway, which writes to the matching local sockets.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, offset: Offset, notification: &Notification);
+
+    /// Another node asks: close this node's sockets of `user` that carry
+    /// `session`, whose client has come back there. Their disconnect
+    /// records the session's end.
+    fn take_over(&self, user: &KeycloakId, session: u128);
 }
 
 /// Why a publish failed. Nothing was delivered anywhere, so the caller may

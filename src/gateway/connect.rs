@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use socketioxide::extract::{SocketRef, State, TryData};
 
-use super::{CONNECT_TIMEOUT, Gateway, Recipient, RecoveryState, replay::Gate};
+use super::{CONNECT_TIMEOUT, Gateway, Recipient, replay::Gate, take_over};
 use crate::{
     auth::WsTokens,
     bus::history::Recovering,
@@ -149,9 +149,23 @@ pub(super) async fn authenticate(
         (Some(recovery), Some(_)) => Some(Gate::new(recovery.max_held)),
         _ => None,
     };
+    // Verified before registering, so the registry knows which session
+    // this socket carries; a new one is ready in case it cannot recover.
+    let returning_session = match (&recovery, &returning) {
+        (Some(recovery), Some(returning)) => recovery.pids.verify(&returning.pid, &user, &channel),
+        _ => None,
+    };
+    let fresh = recovery
+        .as_ref()
+        .map(|recovery| recovery.pids.mint(recovery.node, start, &user, &channel));
+    let ended_now = returning_session
+        .is_some_and(|session| take_over(&gateway.registry, &user, session.id, Some(socket.id)));
     let recipient = Recipient {
         socket: socket.clone(),
         gate: gate.clone(),
+        session: returning_session
+            .or(fresh.as_ref().map(|(session, _)| *session))
+            .map(|session| session.id),
     };
     // Reachable locally first, then subscribed on the bus, then (for a
     // returning session) its history read; only then does socketioxide
@@ -175,9 +189,13 @@ pub(super) async fn authenticate(
         .bus
         .subscribe_socket(&member.user, &member.channel)
         .await;
-    if let Some(recovery) = &recovery {
+    if let (Some(recovery), Some((fresh, fresh_pid))) = (&recovery, fresh) {
         let recovered = match (&returning, &gate) {
-            (Some(returning), Some(gate)) => member.recover(recovery, returning, gate).await,
+            (Some(returning), Some(gate)) => {
+                member
+                    .recover(returning_session, returning, gate, ended_now)
+                    .await
+            }
             _ => None,
         };
         let session = match recovered {
@@ -190,12 +208,8 @@ pub(super) async fn authenticate(
                 return Err(refuse(ConnectRefusal::Unauthorized));
             }
             None => {
-                let (session, pid) =
-                    recovery
-                        .pids
-                        .mint(recovery.node, start, &member.user, &member.channel);
-                socket.set_pid(pid);
-                session
+                socket.set_pid(fresh_pid);
+                fresh
             }
         };
         member.session = Some(session);
@@ -242,15 +256,13 @@ impl Member {
     /// session) when it cannot be recovered.
     async fn recover(
         &self,
-        recovery: &RecoveryState,
+        session: Option<Session>,
         returning: &Returning,
         gate: &Gate,
+        ended_now: bool,
     ) -> Option<Session> {
         let outcome = async {
-            let session = recovery
-                .pids
-                .verify(&returning.pid, &self.user, &self.channel)
-                .ok_or(NotRecoverable::BadPid)?;
+            let session = session.ok_or(NotRecoverable::BadPid)?;
             let after = match &returning.offset {
                 None => session.start,
                 Some(raw) => recovery::parse_offset(raw).ok_or(NotRecoverable::BadPid)?,
@@ -260,6 +272,7 @@ impl Member {
                 user: self.user.clone(),
                 channel: self.channel.clone(),
                 after,
+                ended_now,
             };
             let missed = self.gateway.bus.recover(&recovering).await?;
             Ok::<_, NotRecoverable>((session, missed))

@@ -20,7 +20,7 @@ use crate::{
     bus::Deliver,
     config::Config,
     metrics::Metrics,
-    notification::{Notification, now_us},
+    notification::{KeycloakId, Notification, now_us},
     recovery::Offset,
 };
 
@@ -61,6 +61,10 @@ impl Delivery {
 }
 
 impl Deliver for Delivery {
+    fn take_over(&self, user: &KeycloakId, session: u128) {
+        super::take_over(&self.registry, user, session, None);
+    }
+
     fn deliver(&self, offset: Offset, notification: &Notification) {
         let handles = self.metrics.handles();
         handles.bus_received.inc();
@@ -87,7 +91,7 @@ impl Deliver for Delivery {
             }
         };
         let mut delivered = 0;
-        for Recipient { socket, gate } in recipients {
+        for Recipient { socket, gate, .. } in recipients {
             let sent = match &gate {
                 None => socket.emit_encoded(&event),
                 Some(gate) => gate.send(&socket, offset, &event),

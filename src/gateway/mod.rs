@@ -21,6 +21,7 @@ use crate::{
     bus::Bus,
     config::Config,
     metrics::Metrics,
+    notification::{KeycloakId, Target},
     recovery::{NodeId, Pids},
     registry::Registry,
 };
@@ -39,6 +40,39 @@ pub struct Recipient {
     /// Only for a socket that returned with a pid: holds live deliveries
     /// until its replay is written.
     gate: Option<Arc<Gate>>,
+    /// The id of the session it connected with (returning or new), so a
+    /// returning client can take over a predecessor this node has not yet
+    /// seen leave (a polling session outlives its TCP connections until
+    /// the heartbeat's timeout).
+    session: Option<u128>,
+}
+
+/// Closes this node's sockets of `user` that still carry `session` (but
+/// `except`): their client has come back (a polling session, for one,
+/// lives on until the heartbeat's timeout after its last request). Their
+/// disconnect records the session's end. Returns whether there was one.
+fn take_over(
+    registry: &SocketRegistry,
+    user: &KeycloakId,
+    session: u128,
+    except: Option<Sid>,
+) -> bool {
+    let mut sockets = Vec::new();
+    registry.lookup(
+        &Target::User {
+            keycloak: user.clone(),
+        },
+        &mut sockets,
+    );
+    let mut found = false;
+    for old in sockets {
+        if old.session == Some(session) && Some(old.socket.id) != except {
+            tracing::debug!(sid = %old.socket.id, "a returning session takes over its previous socket");
+            let _ = old.socket.disconnect();
+            found = true;
+        }
+    }
+    found
 }
 
 /// What the socket.io handlers share, given to socketioxide as its state.

@@ -164,9 +164,9 @@ async function spawnReady(cmd, args, env, ready, what) {
   };
 }
 
-/** A private redis-server on a free port. */
-export async function startRedis() {
-  const port = await freePort();
+/** A private redis-server on a free port (or on `port`, to restart one). */
+export async function startRedis(port) {
+  port ??= await freePort();
   const { execFileSync } = await import("node:child_process");
   const pong = () => {
     try {
@@ -182,7 +182,7 @@ export async function startRedis() {
     async () => pong(),
     "redis-server",
   );
-  return { ...server, url: `redis://127.0.0.1:${port}` };
+  return { ...server, port, url: `redis://127.0.0.1:${port}` };
 }
 
 /** HAProxy with deploy/haproxy/haproxy.cfg in front of `nodes`. */
@@ -206,4 +206,38 @@ export async function startHaproxy(nodes) {
     "haproxy",
   );
   return { ...lb, url };
+}
+
+/**
+ * A TCP proxy on loopback that plays the load balancer: `cut()` drops every
+ * connection, `pause()` refuses new ones until `resume()`, `to(node)` sends
+ * new connections to another node.
+ */
+export async function startProxy(node) {
+  const net = await import("node:net");
+  let target = new URL(node.url);
+  let paused = false;
+  const open = new Set();
+  const server = net.createServer((client) => {
+    if (paused) return client.destroy();
+    const upstream = net.connect(Number(target.port), target.hostname);
+    const pair = [client, upstream];
+    pair.forEach((s) => open.add(s));
+    const close = () => pair.forEach((s) => (s.destroy(), open.delete(s)));
+    client.pipe(upstream);
+    upstream.pipe(client);
+    for (const s of pair) {
+      s.on("error", close);
+      s.on("close", close);
+    }
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    cut: () => [...open].forEach((s) => s.destroy()),
+    pause: () => (paused = true),
+    resume: () => (paused = false),
+    to: (next) => (target = new URL(next.url)),
+    close: () => new Promise((resolve) => (server.close(resolve), [...open].forEach((s) => s.destroy()))),
+  };
 }

@@ -41,9 +41,10 @@ use tokio_util::sync::CancellationToken;
 
 use self::{
     connection::{Connection, Connector},
-    history::{Keys, RECOVER_SCRIPT, decode_recover, ended_value},
+    history::{Keys, RECOVER_SCRIPT, RecoverReply, decode_recover, ended_value},
     publisher::{Job, Publisher},
     subscriber::{Request, Subscriber},
+    topics::Topics,
 };
 use super::{
     BusError, Deliver,
@@ -53,7 +54,7 @@ use crate::{
     config::Config,
     metrics::Metrics,
     notification::{Channel, KeycloakId, Notification, Target},
-    recovery::{self, Ended, NodeId, NotRecoverable, Offset, Session},
+    recovery::{self, Ended, NODE_DEAD_AFTER, NodeId, NotRecoverable, Offset, Origin, Session},
 };
 
 pub use topics::UNSUBSCRIBE_DELAY;
@@ -174,11 +175,16 @@ impl RedisBus {
             lost: lost_tx,
             metrics,
         });
+        let mut topics = Topics::default();
+        if recovery.is_some() {
+            // Held for the node's life: one "socket" that never leaves.
+            topics.add([takeover_topic(&settings.prefix)], &mut Vec::new());
+        }
         let subscriber = Subscriber {
             connector,
             shared: shared.clone(),
             sink,
-            topics: Default::default(),
+            topics,
             connection: None,
             backoff: subscriber::BACKOFF_MIN,
             next_attempt: Instant::now(),
@@ -263,6 +269,88 @@ impl RedisBus {
         let (Some(mut connection), _) = self.shared.connection() else {
             return Err(NotRecoverable::Unavailable);
         };
+        let mut reply = self
+            .read_history(&mut connection, recovering, settings)
+            .await?;
+        let now = recovery::now_ms();
+        if recovering.ended_now && reply.ended.is_none() {
+            reply.ended = Some(Ended::At(now));
+        }
+        if reply.ended.is_none()
+            && matches!(reply.origin, Origin::Seen { stopped: false, at_ms } if now.saturating_sub(at_ms) <= NODE_DEAD_AFTER.as_millis() as u64)
+        {
+            // Another node may still hold the session's previous socket (a
+            // polling session outlives its connections): ask every node to
+            // close it, and read its record once written.
+            reply = self
+                .ask_take_over(&mut connection, recovering, settings)
+                .await?;
+        }
+        // A node killed a moment ago still looks alive: its heartbeat is
+        // fresh and it wrote no record. Read again once its heartbeat is old
+        // enough to tell (at most `NODE_DEAD_AFTER`, and only then).
+        if let (
+            None,
+            Origin::Seen {
+                at_ms,
+                stopped: false,
+            },
+        ) = (reply.ended, reply.origin)
+        {
+            let decidable_at = at_ms + NODE_DEAD_AFTER.as_millis() as u64 + 100;
+            if decidable_at > now {
+                tokio::time::sleep(Duration::from_millis(decidable_at - now)).await;
+                reply = self
+                    .read_history(&mut connection, recovering, settings)
+                    .await?;
+            }
+        }
+        recovery::check_window(
+            reply.ended,
+            reply.origin,
+            recovery::now_ms(),
+            settings.window,
+        )?;
+        merge(recovering, reply.reads, settings.max_missed)
+    }
+
+    /// Publishes a take-over of the session to every node, then reads its
+    /// history again until the session's end is recorded, for at most
+    /// [`TAKE_OVER_WAIT`].
+    async fn ask_take_over(
+        &self,
+        connection: &mut Connection,
+        recovering: &Recovering,
+        settings: HistorySettings,
+    ) -> Result<RecoverReply, NotRecoverable> {
+        let mut command = redis::cmd(connection.publish_command());
+        command
+            .arg(takeover_topic(&self.shared.prefix))
+            .arg(format!(
+                "{:032x} {}",
+                recovering.session.id, recovering.user
+            ));
+        connection
+            .query::<i64>(&command)
+            .await
+            .map_err(|_| NotRecoverable::Unavailable)?;
+        let deadline = Instant::now() + TAKE_OVER_WAIT;
+        loop {
+            tokio::time::sleep(TAKE_OVER_WAIT / 10).await;
+            let reply = self.read_history(connection, recovering, settings).await?;
+            if reply.ended.is_some() || Instant::now() >= deadline {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// One read of [`RECOVER_SCRIPT`].
+    async fn read_history(
+        &self,
+        connection: &mut Connection,
+        recovering: &Recovering,
+        settings: HistorySettings,
+    ) -> Result<RecoverReply, NotRecoverable> {
         let keys = Keys(&self.shared.prefix);
         let [channel_stream, user_stream] = recovering.streams();
         let mut invocation = RECOVER_SCRIPT.prepare_invoke();
@@ -280,17 +368,10 @@ impl RedisBus {
                 tracing::warn!(error = %e, "recovery read from Redis failed");
                 NotRecoverable::Unavailable
             })?;
-        let reply = decode_recover(reply, recovering).ok_or_else(|| {
+        decode_recover(reply, recovering).ok_or_else(|| {
             tracing::warn!("recovery read from Redis of unexpected shape");
             NotRecoverable::Unavailable
-        })?;
-        recovery::check_window(
-            reply.ended,
-            reply.origin,
-            recovery::now_ms(),
-            settings.window,
-        )?;
-        merge(recovering, reply.reads, settings.max_missed)
+        })
     }
 
     /// Returns once the topics a socket of `user` in `channel` needs are
@@ -320,6 +401,25 @@ impl RedisBus {
             user_topic(&self.shared.prefix, user),
         ]
     }
+}
+
+/// How long a returning session waits for another node to close its
+/// previous socket and record the session's end.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
+
+/// The topic every node listens on for take-overs: `"<session> <user>"`.
+fn takeover_topic(prefix: &str) -> String {
+    format!("{prefix}:takeover")
+}
+
+/// Reads a take-over message.
+fn parse_takeover(payload: &[u8]) -> Option<(u128, KeycloakId)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (session, user) = text.split_once(' ')?;
+    Some((
+        u128::from_str_radix(session, 16).ok()?,
+        KeycloakId::parse(user).ok()?,
+    ))
 }
 
 fn channel_topic(prefix: &str, channel: &Channel) -> String {

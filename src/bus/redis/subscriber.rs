@@ -29,6 +29,7 @@ use super::{
     Shared,
     connection::{Connection, Connector, PushHandler},
     history::split_message,
+    parse_takeover, takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
 use crate::{bus::Deliver, notification::Notification};
@@ -207,9 +208,18 @@ impl Subscriber {
     fn push_handler(&self, generation: u64) -> PushHandler {
         let sink = self.sink.clone();
         let shared = self.shared.clone();
+        let takeover = takeover_topic(&shared.prefix);
         Box::new(move |push: PushInfo| {
             match push.kind {
                 PushKind::Message | PushKind::SMessage => match push.data.as_slice() {
+                    [Value::BulkString(topic), Value::BulkString(payload)]
+                        if *topic == takeover.as_bytes() =>
+                    {
+                        match parse_takeover(payload) {
+                            Some((session, user)) => sink.take_over(&user, session),
+                            None => tracing::warn!("unreadable take-over dropped"),
+                        }
+                    }
                     [_, Value::BulkString(payload)] => {
                         let parsed = split_message(payload).and_then(|(offset, json)| {
                             Some((offset, serde_json::from_slice::<Notification>(json).ok()?))

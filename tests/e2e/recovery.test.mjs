@@ -1,0 +1,304 @@
+// Connection state recovery with the official client, through a TCP proxy
+// that plays the balancer: what a socket missed while away arrives on its
+// return, exactly once, in order, before anything newer; what cannot be
+// recovered gives `recovered === false` and nothing stale.
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { io } from "socket.io-client";
+import { notify, startNode, startProxy, startRedis, wsToken } from "./helpers.mjs";
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function waitFor(check, ms = 10_000, what = "condition") {
+  const deadline = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`${what} not met in time`);
+    await sleep(20);
+  }
+}
+
+/**
+ * A frontend as the README shows it: the `auth` callback fetches a fresh ws
+ * token at every (re)connect unless `token` pins one. Records every
+ * notification and, per connect, `socket.recovered`.
+ */
+const opened = [];
+after(() => opened.forEach((socket) => socket.close()));
+
+async function frontend(via, node, user, channel, transports, token) {
+  const socket = io(via.url, {
+    auth: async (cb) => cb({ token: token ?? (await wsToken(node, user)), keycloakID: user, channel }),
+    transports,
+    reconnectionDelay: 50,
+    reconnectionDelayMax: 100,
+    randomizationFactor: 0,
+    forceNew: true,
+  });
+  opened.push(socket);
+  socket.received = [];
+  socket.recoveries = [];
+  socket.on("notification", (msg) => socket.received.push(msg));
+  socket.on("connect", () => socket.recoveries.push(socket.recovered));
+  await new Promise((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("connect_error", reject);
+  });
+  return socket;
+}
+
+/** Cuts the proxy's connections and keeps new ones out until `back()`. */
+async function drop(proxy, sockets) {
+  proxy.pause();
+  proxy.cut();
+  await waitFor(() => sockets.every((s) => !s.connected), 5000, "sockets down");
+  // The node saw the close too (the proxy closed both sides); give its
+  // disconnect handler a moment to record the session's end.
+  await sleep(100);
+}
+
+async function back(proxy, sockets, connects) {
+  proxy.resume();
+  await waitFor(() => sockets.every((s) => s.connected && s.recoveries.length >= connects), 15_000, "reconnect");
+}
+
+async function post(node, body) {
+  const { status } = await notify(node, body);
+  assert.equal(status, 200);
+}
+
+/** Waits for `expected`, then a quiet moment, and compares exactly. */
+async function exactly(socket, expected) {
+  await waitFor(() => socket.received.length >= expected.length, 5000, `${expected.length} notifications`).catch(() => {});
+  await sleep(200);
+  assert.deepEqual(socket.received, expected);
+}
+
+for (const transports of [["websocket"], ["polling"]]) {
+  describe(`standalone, ${transports[0]}`, () => {
+    let node;
+    let proxy;
+    before(async () => {
+      node = await startNode();
+      proxy = await startProxy(node);
+    });
+    after(async () => {
+      await proxy?.close();
+      await node?.stop();
+    });
+
+    test("every variant posted while away arrives on return, in order, then the newer ones", async () => {
+      const alice = await frontend(proxy, node, "alice", "admin", transports);
+      const bob = await frontend(proxy, node, "bob", "admin", transports);
+      await post(node, { msg: "before", channel: "admin" });
+      await exactly(alice, ["before"]);
+      await drop(proxy, [alice, bob]);
+      await post(node, { msg: "c", channel: "admin" });
+      await post(node, { msg: "u", keycloak: "alice" });
+      await post(node, { msg: "uc", keycloak: "alice", channel: "admin" });
+      await post(node, { msg: "elsewhere", keycloak: "alice", channel: "b2b" });
+      await post(node, { msg: "bob", keycloak: "bob" });
+      await back(proxy, [alice, bob], 2);
+      assert.deepEqual(alice.recoveries, [false, true]);
+      assert.deepEqual(bob.recoveries, [false, true]);
+      await post(node, { msg: "after", channel: "admin" });
+      await exactly(alice, ["before", "c", "u", "uc", "after"]);
+      await exactly(bob, ["before", "c", "bob", "after"]);
+      // A second drop in a row recovers from the new position.
+      await drop(proxy, [alice]);
+      await post(node, { msg: "again", keycloak: "alice" });
+      await back(proxy, [alice], 3);
+      assert.deepEqual(alice.recoveries, [false, true, true]);
+      await exactly(alice, ["before", "c", "u", "uc", "after", "again"]);
+      alice.close();
+      bob.close();
+    });
+
+    test("a client that had received nothing recovers too", async () => {
+      const carol = await frontend(proxy, node, "carol", "admin", transports);
+      await drop(proxy, [carol]);
+      await post(node, { msg: 1, keycloak: "carol" });
+      await post(node, { msg: 2, keycloak: "carol", channel: "admin" });
+      await back(proxy, [carol], 2);
+      assert.deepEqual(carol.recoveries, [false, true]);
+      await exactly(carol, [1, 2]);
+      carol.close();
+    });
+
+    test("a forged or borrowed pid gets a fresh session and nobody else's notifications", async () => {
+      const dave = await frontend(proxy, node, "dave", "admin", transports);
+      const eve = await frontend(proxy, node, "eve", "admin", transports);
+      await drop(proxy, [dave, eve]);
+      await post(node, { msg: "for dave", keycloak: "dave" });
+      eve._pid = dave._pid; // eve presents dave's pid, with her own token
+      await back(proxy, [dave, eve], 2);
+      assert.deepEqual(eve.recoveries, [false, false]);
+      assert.deepEqual(dave.recoveries, [false, true]);
+      await exactly(eve, []);
+      await exactly(dave, ["for dave"]);
+      await drop(proxy, [eve]);
+      eve._pid = "A".repeat(64);
+      await back(proxy, [eve], 3);
+      assert.deepEqual(eve.recoveries, [false, false, false]);
+      await post(node, { msg: "new", keycloak: "eve" });
+      await exactly(eve, ["new"]);
+      dave.close();
+      eve.close();
+    });
+  });
+}
+
+describe("standalone, limits", () => {
+  test("past the window: recovered is false, nothing stale, new ones arrive", async () => {
+    const node = await startNode({ CHANNELS_RECOVERY_WINDOW: "1" });
+    const proxy = await startProxy(node);
+    try {
+      const frank = await frontend(proxy, node, "frank", "admin", ["websocket"]);
+      await drop(proxy, [frank]);
+      await post(node, { msg: "stale", keycloak: "frank" });
+      await sleep(1500);
+      await back(proxy, [frank], 2);
+      assert.deepEqual(frank.recoveries, [false, false]);
+      await post(node, { msg: "fresh", keycloak: "frank" });
+      await exactly(frank, ["fresh"]);
+      frank.close();
+    } finally {
+      await proxy.close();
+      await node.stop();
+    }
+  });
+
+  test("more missed than CHANNELS_RECOVERY_MAX_MISSED is not recoverable", async () => {
+    const node = await startNode({ CHANNELS_RECOVERY_MAX_MISSED: "3" });
+    const proxy = await startProxy(node);
+    try {
+      const gina = await frontend(proxy, node, "gina", "admin", ["websocket"]);
+      const hank = await frontend(proxy, node, "hank", "admin", ["websocket"]);
+      await drop(proxy, [gina, hank]);
+      for (const n of [1, 2, 3, 4]) await post(node, { msg: n, keycloak: "gina" });
+      for (const n of [1, 2, 3]) await post(node, { msg: n, keycloak: "hank" });
+      await back(proxy, [gina, hank], 2);
+      assert.deepEqual(gina.recoveries, [false, false]);
+      assert.deepEqual(hank.recoveries, [false, true]);
+      await exactly(gina, []);
+      await exactly(hank, [1, 2, 3]);
+      gina.close();
+      hank.close();
+    } finally {
+      await proxy.close();
+      await node.stop();
+    }
+  });
+
+  test("an expired ws token recovers its session but opens no new one", async () => {
+    const node = await startNode({ CHANNELS_WS_TOKEN_TTL: "1" });
+    const proxy = await startProxy(node);
+    try {
+      const token = await wsToken(node, "ivy");
+      // A static token, as a frontend written from the AMPER docs passes it.
+      const ivy = await frontend(proxy, node, "ivy", "admin", ["websocket"], token);
+      await sleep(7000); // past its lifetime and the 5 s leeway
+      await drop(proxy, [ivy]);
+      await post(node, { msg: "while away", keycloak: "ivy" });
+      await back(proxy, [ivy], 2);
+      assert.deepEqual(ivy.recoveries, [false, true]);
+      await exactly(ivy, ["while away"]);
+      const socket = io(node.url, { auth: { token, keycloakID: "ivy", channel: "admin" }, reconnection: false, forceNew: true });
+      const error = await new Promise((resolve) => socket.once("connect_error", resolve));
+      assert.equal(error.message, "unauthorized");
+      socket.close();
+      ivy.close();
+    } finally {
+      await proxy.close();
+      await node.stop();
+    }
+  });
+});
+
+describe("two nodes and a Redis", () => {
+  let redis;
+  let nodes;
+  let proxy;
+  before(async () => {
+    redis = await startRedis();
+    nodes = [];
+    for (let i = 0; i < 2; i++) nodes.push(await startNode({ CHANNELS_REDIS_URL: redis.url }));
+    for (const node of nodes) await waitFor(async () => (await fetch(`${node.url}/readyz`)).status === 200);
+    proxy = await startProxy(nodes[0]);
+  });
+  after(async () => {
+    await proxy?.close();
+    for (const node of nodes ?? []) await node.stop();
+    await redis?.stop();
+  });
+
+  for (const transports of [["websocket"], ["polling"]]) {
+    // Open (issue 16): a polling session that moves to another node before
+    // its old node saw it leave does not recover yet.
+    const which = transports[0] === "polling" ? test.skip : test;
+    which(`a session recovers on the other node, ${transports[0]}`, async () => {
+      proxy.to(nodes[0]);
+      const user = `jack-${transports[0]}`;
+      const jack = await frontend(proxy, nodes[0], user, "admin", transports);
+      await post(nodes[1], { msg: "first", keycloak: user });
+      await exactly(jack, ["first"]);
+      await drop(proxy, [jack]);
+      await post(nodes[0], { msg: "c", channel: "admin" });
+      await post(nodes[1], { msg: "u", keycloak: user });
+      await post(nodes[0], { msg: "uc", keycloak: user, channel: "admin" });
+      proxy.to(nodes[1]);
+      await back(proxy, [jack], 2);
+      assert.deepEqual(jack.recoveries, [false, true]);
+      await post(nodes[0], { msg: "after", keycloak: user });
+      await exactly(jack, ["first", "c", "u", "uc", "after"]);
+      jack.close();
+    });
+  }
+
+  // Open (issue 16): fails, recovered is false; see the issue's note.
+  test.skip("a session recovers after its node was SIGKILLed", async () => {
+    const victim = await startNode({ CHANNELS_REDIS_URL: redis.url });
+    await waitFor(async () => (await fetch(`${victim.url}/readyz`)).status === 200);
+    proxy.to(victim);
+    const kate = await frontend(proxy, nodes[0], "kate", "admin", ["websocket"]);
+    await post(nodes[0], { msg: "first", keycloak: "kate" });
+    await exactly(kate, ["first"]);
+    proxy.pause();
+    const exited = new Promise((resolve) => victim.child.on("exit", resolve));
+    victim.child.kill("SIGKILL");
+    await exited;
+    await waitFor(() => !kate.connected, 5000, "socket down");
+    await post(nodes[0], { msg: "missed 1", keycloak: "kate" });
+    await post(nodes[1], { msg: "missed 2", channel: "admin" });
+    proxy.to(nodes[1]);
+    await back(proxy, [kate], 2);
+    assert.deepEqual(kate.recoveries, [false, true]);
+    await exactly(kate, ["first", "missed 1", "missed 2"]);
+    kate.close();
+  });
+});
+
+test("Redis down at reconnect: a fresh session, which works once Redis is back", async () => {
+  const redis = await startRedis();
+  const node = await startNode({ CHANNELS_REDIS_URL: redis.url });
+  const proxy = await startProxy(node);
+  try {
+    await waitFor(async () => (await fetch(`${node.url}/readyz`)).status === 200);
+    const lena = await frontend(proxy, node, "lena", "admin", ["websocket"]);
+    await drop(proxy, [lena]);
+    await redis.stop();
+    await back(proxy, [lena], 2);
+    assert.deepEqual(lena.recoveries, [false, false]);
+    const restarted = await startRedis(redis.port);
+    try {
+      await waitFor(async () => (await fetch(`${node.url}/readyz`)).status === 200, 15_000, "ready again");
+      await post(node, { msg: "back", keycloak: "lena" });
+      await exactly(lena, ["back"]);
+    } finally {
+      await restarted.stop();
+    }
+    lena.close();
+  } finally {
+    await proxy.close();
+    await node.stop();
+  }
+});
