@@ -299,6 +299,17 @@ impl SioClient {
             .strip_prefix(r#"42["notification","#)
             .and_then(|p| p.strip_suffix(']'))
             .unwrap_or_else(|| panic!("unexpected packet {packet}"));
+        // The recovery offset, a trailing decimal string, is not the message.
+        let raw = match raw.rsplit_once(",\"") {
+            Some((msg, offset))
+                if offset
+                    .strip_suffix('"')
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                msg
+            }
+            _ => raw,
+        };
         Some(raw.to_string())
     }
 
