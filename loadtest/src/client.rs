@@ -117,7 +117,13 @@ impl Client {
                 .as_str()
                 .strip_prefix(r#"42["notification","#)
                 .and_then(|rest| rest.strip_suffix(']'))
-                .and_then(|payload| serde_json::from_str(payload).ok())
+                // The message, then (recovery on) its offset: the first value.
+                .and_then(|payload| {
+                    serde_json::Deserializer::from_str(payload)
+                        .into_iter()
+                        .next()?
+                        .ok()
+                })
             {
                 return Event::Notification(stamp);
             }
