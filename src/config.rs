@@ -290,14 +290,6 @@ impl Config {
 }
 
 impl Config {
-    /// Whether sessions are recoverable: recovery is on, and the bus can
-    /// keep its history. On a Redis Cluster a socket's streams and the one
-    /// sequence that orders them sit on different shards, which one script
-    /// cannot reach, so recovery is off there.
-    pub fn recovers(&self) -> bool {
-        self.recovery.enabled() && !self.redis.as_ref().is_some_and(|r| r.cluster)
-    }
-
     /// The effective settings by variable, secrets masked: what
     /// `channels check-config` prints.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
@@ -362,13 +354,10 @@ impl Config {
             ("CHANNELS_SHUTDOWN_TIMEOUT", secs(self.shutdown_timeout)),
             (
                 "CHANNELS_RECOVERY_WINDOW",
-                match (self.recovery.enabled(), self.recovers()) {
-                    (true, true) => secs(self.recovery.window),
-                    (true, false) => format!(
-                        "{} (recovery unavailable on a Redis Cluster)",
-                        secs(self.recovery.window)
-                    ),
-                    (false, _) => "0 (recovery off)".into(),
+                if self.recovery.enabled() {
+                    secs(self.recovery.window)
+                } else {
+                    "0 (recovery off)".into()
                 },
             ),
             (

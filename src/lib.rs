@@ -84,16 +84,11 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         registry.clone(),
         metrics.clone(),
         &config,
-        config.recovers(),
+        config.recovery.enabled(),
     ));
     let stop_bus = CancellationToken::new();
     let (bus, mut tasks) = Bus::start(&config, node, delivery, metrics.clone(), stop_bus.clone())
         .map_err(StartError::Bus)?;
-    if config.recovery.enabled() && !config.recovers() {
-        tracing::warn!(
-            "connection state recovery is not available on a Redis Cluster: sessions are not recoverable"
-        );
-    }
 
     let shutting_down = CancellationToken::new();
     let state = http::AppState {
@@ -112,7 +107,10 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         ws_tokens,
         bus,
         metrics: metrics.clone(),
-        recovery: config.recovers().then(|| RecoveryState::new(&config, node)),
+        recovery: config
+            .recovery
+            .enabled()
+            .then(|| RecoveryState::new(&config, node)),
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
     let app = http::app(socket_io, &config, limiters.clone());

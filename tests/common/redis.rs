@@ -73,6 +73,22 @@ impl RedisServer {
         (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
     }
 
+    /// Whether this cluster master serves `slot` (its own line of
+    /// `CLUSTER NODES` lists its slot ranges after the 8th field).
+    pub fn owns(&self, slot: u16) -> bool {
+        let nodes = self.cli(&["CLUSTER", "NODES"]).unwrap_or_default();
+        let Some(mine) = nodes.lines().find(|l| l.contains("myself")) else {
+            return false;
+        };
+        mine.split_whitespace().skip(8).any(|range| {
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            match (from.parse::<u16>(), to.parse::<u16>()) {
+                (Ok(from), Ok(to)) => (from..=to).contains(&slot),
+                _ => false,
+            }
+        })
+    }
+
     /// Subscribers of a pub/sub channel (`PUBSUB NUMSUB`).
     pub fn numsub(&self, topic: &str) -> i64 {
         let out = self.cli(&["PUBSUB", "NUMSUB", topic]).unwrap_or_default();
@@ -157,6 +173,41 @@ impl RedisCluster {
     pub fn urls(&self) -> String {
         let urls: Vec<String> = self.masters.iter().map(RedisServer::url).collect();
         urls.join(",")
+    }
+
+    /// The ports of the masters owning the slots of these keys or topics.
+    pub fn masters_holding(&self, names: &[impl AsRef<str>]) -> std::collections::BTreeSet<u16> {
+        let slot_owner = |slot: u16| {
+            self.masters
+                .iter()
+                .find(|m| m.owns(slot))
+                .map(|m| m.port)
+                .expect("every slot has a master")
+        };
+        names
+            .iter()
+            .map(|name| {
+                let out = self.masters[0]
+                    .cli(&["CLUSTER", "KEYSLOT", name.as_ref()])
+                    .expect("CLUSTER KEYSLOT answers");
+                slot_owner(out.trim().parse().expect("a slot number"))
+            })
+            .collect()
+    }
+
+    /// Every key, over the masters.
+    pub fn keys(&self) -> Vec<String> {
+        self.masters
+            .iter()
+            .filter_map(|m| m.cli(&["--scan"]))
+            .flat_map(|out| out.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    /// Keys, summed over the masters.
+    pub fn dbsize(&self) -> usize {
+        self.keys().len()
     }
 
     /// Subscribers of a sharded channel, summed over the masters.

@@ -21,7 +21,8 @@ export async function startNode(extraEnv = {}) {
       CHANNELS_WS_TOKEN_SECRET: WS_SECRET,
       CHANNELS_API_KEYS: API_KEY,
       CHANNELS_LOG_FORMAT: "json",
-      CHANNELS_LOG: "info",
+      // E2E_NODE_LOG=debug (say) prints every node's log lines, to debug a test.
+      CHANNELS_LOG: process.env.E2E_NODE_LOG ?? "info",
       ...extraEnv,
     },
     stdio: ["ignore", "ignore", "pipe"],
@@ -31,6 +32,7 @@ export async function startNode(extraEnv = {}) {
     const timer = setTimeout(() => reject(new Error("node did not start in 10 s")), 10_000);
     child.on("exit", (code) => reject(new Error(`node exited with ${code}`)));
     lines.on("line", (line) => {
+      if (process.env.E2E_NODE_LOG) process.stderr.write(`[node ${child.pid}] ${line}\n`);
       try {
         const entry = JSON.parse(line);
         if (entry.fields?.message === "channels node serving") {
@@ -182,7 +184,54 @@ export async function startRedis(port) {
     async () => pong(),
     "redis-server",
   );
-  return { ...server, port, url: `redis://127.0.0.1:${port}` };
+  const url = `redis://127.0.0.1:${port}`;
+  return { ...server, port, url, env: { CHANNELS_REDIS_URL: url } };
+}
+
+/**
+ * A Redis Cluster of three masters on free ports, built with
+ * `redis-cli --cluster create`; `env` is what a node needs to use it.
+ */
+export async function startRedisCluster() {
+  const { execFileSync } = await import("node:child_process");
+  const { mkdtempSync, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const dir = mkdtempSync(join(tmpdir(), "channels-e2e-cluster-"));
+  const cli = (port, ...args) => {
+    try {
+      return execFileSync("redis-cli", ["-p", String(port), ...args]).toString();
+    } catch {
+      return "";
+    }
+  };
+  const ports = [];
+  while (ports.length < 3) {
+    const port = await freePort();
+    // The cluster bus listens on port + 10000.
+    if (port < 55_000 && !ports.includes(port)) ports.push(port);
+  }
+  const masters = [];
+  for (const port of ports) {
+    const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    args.push("--cluster-enabled", "yes", "--cluster-node-timeout", "2000");
+    args.push("--cluster-config-file", join(dir, `nodes-${port}.conf`));
+    masters.push(await spawnReady("redis-server", args, {}, async () => cli(port, "PING").trim() === "PONG", "redis-server"));
+  }
+  execFileSync("redis-cli", ["--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`), "--cluster-replicas", "0", "--cluster-yes"], { stdio: "ignore" });
+  const deadline = Date.now() + 20_000;
+  while (!ports.every((port) => cli(port, "CLUSTER", "INFO").includes("cluster_state:ok"))) {
+    if (Date.now() > deadline) throw new Error("the Redis Cluster did not reach state ok");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  const urls = ports.map((port) => `redis://127.0.0.1:${port}`).join(",");
+  return {
+    env: { CHANNELS_REDIS_URL: urls, CHANNELS_REDIS_CLUSTER: "true" },
+    async stop() {
+      for (const master of masters) await master.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }
 
 /** HAProxy with deploy/haproxy/haproxy.cfg in front of `nodes`. */

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { io } from "socket.io-client";
-import { notify, startNode, startProxy, startRedis, wsToken } from "./helpers.mjs";
+import { notify, startNode, startProxy, startRedis, startRedisCluster, wsToken } from "./helpers.mjs";
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -73,17 +73,34 @@ async function exactly(socket, expected) {
   assert.deepEqual(socket.received, expected);
 }
 
-for (const transports of [["websocket"], ["polling"]]) {
-  describe(`standalone, ${transports[0]}`, () => {
+/** A node on `bus`, once it answers ready. */
+async function readyNode(bus, env = {}) {
+  const node = await startNode({ ...bus.env, ...env });
+  await waitFor(async () => (await fetch(`${node.url}/readyz`)).status === 200, 10_000, "node ready");
+  return node;
+}
+
+/** Where the history lives: in the node, a Redis, a Redis Cluster. */
+const buses = [
+  ["standalone", async () => ({ env: {}, stop: async () => {} })],
+  ["a Redis", startRedis],
+  ["a Redis Cluster", startRedisCluster],
+];
+
+for (const [kind, startBus] of buses) for (const transports of [["websocket"], ["polling"]]) {
+  describe(`one node, ${kind}, ${transports[0]}`, () => {
+    let bus;
     let node;
     let proxy;
     before(async () => {
-      node = await startNode();
+      bus = await startBus();
+      node = await readyNode(bus);
       proxy = await startProxy(node);
     });
     after(async () => {
       await proxy?.close();
       await node?.stop();
+      await bus?.stop();
     });
 
     test("every variant posted while away arrives on return, in order, then the newer ones", async () => {
@@ -147,9 +164,17 @@ for (const transports of [["websocket"], ["polling"]]) {
   });
 }
 
-describe("standalone, limits", () => {
+for (const [kind, startBus] of buses) describe(`one node, ${kind}, limits`, () => {
+  let bus;
+  before(async () => {
+    bus = await startBus();
+  });
+  after(async () => {
+    await bus?.stop();
+  });
+
   test("past the window: recovered is false, nothing stale, new ones arrive", async () => {
-    const node = await startNode({ CHANNELS_RECOVERY_WINDOW: "1" });
+    const node = await readyNode(bus, { CHANNELS_RECOVERY_WINDOW: "1" });
     const proxy = await startProxy(node);
     try {
       const frank = await frontend(proxy, node, "frank", "admin", ["websocket"]);
@@ -168,7 +193,7 @@ describe("standalone, limits", () => {
   });
 
   test("more missed than CHANNELS_RECOVERY_MAX_MISSED is not recoverable", async () => {
-    const node = await startNode({ CHANNELS_RECOVERY_MAX_MISSED: "3" });
+    const node = await readyNode(bus, { CHANNELS_RECOVERY_MAX_MISSED: "3" });
     const proxy = await startProxy(node);
     try {
       const gina = await frontend(proxy, node, "gina", "admin", ["websocket"]);
@@ -190,7 +215,7 @@ describe("standalone, limits", () => {
   });
 
   test("an expired ws token recovers its session but opens no new one", async () => {
-    const node = await startNode({ CHANNELS_WS_TOKEN_TTL: "1" });
+    const node = await readyNode(bus, { CHANNELS_WS_TOKEN_TTL: "1" });
     const proxy = await startProxy(node);
     try {
       const token = await wsToken(node, "ivy");
@@ -214,15 +239,17 @@ describe("standalone, limits", () => {
   });
 });
 
-describe("two nodes and a Redis", () => {
+for (const [kind, startBus] of [
+  ["a Redis", startRedis],
+  ["a Redis Cluster", startRedisCluster],
+]) describe(`two nodes and ${kind}`, () => {
   let redis;
   let nodes;
   let proxy;
   before(async () => {
-    redis = await startRedis();
+    redis = await startBus();
     nodes = [];
-    for (let i = 0; i < 2; i++) nodes.push(await startNode({ CHANNELS_REDIS_URL: redis.url }));
-    for (const node of nodes) await waitFor(async () => (await fetch(`${node.url}/readyz`)).status === 200);
+    for (let i = 0; i < 2; i++) nodes.push(await readyNode(redis));
     proxy = await startProxy(nodes[0]);
   });
   after(async () => {
@@ -232,10 +259,9 @@ describe("two nodes and a Redis", () => {
   });
 
   for (const transports of [["websocket"], ["polling"]]) {
-    // Open (issue 16): a polling session that moves to another node before
-    // its old node saw it leave does not recover yet.
-    const which = transports[0] === "polling" ? test.skip : test;
-    which(`a session recovers on the other node, ${transports[0]}`, async () => {
+    // A polling session moves before its old node saw it leave: the old
+    // node closes its socket when the new one asks.
+    test(`a session recovers on the other node, ${transports[0]}`, async () => {
       proxy.to(nodes[0]);
       const user = `jack-${transports[0]}`;
       const jack = await frontend(proxy, nodes[0], user, "admin", transports);
@@ -254,10 +280,10 @@ describe("two nodes and a Redis", () => {
     });
   }
 
-  // Open (issue 16): fails, recovered is false; see the issue's note.
-  test.skip("a session recovers after its node was SIGKILLed", async () => {
-    const victim = await startNode({ CHANNELS_REDIS_URL: redis.url });
-    await waitFor(async () => (await fetch(`${victim.url}/readyz`)).status === 200);
+  // The killed node wrote no record: its heartbeat, once old enough, tells
+  // when the session ended.
+  test("a session recovers after its node was SIGKILLed", async () => {
+    const victim = await readyNode(redis);
     proxy.to(victim);
     const kate = await frontend(proxy, nodes[0], "kate", "admin", ["websocket"]);
     await post(nodes[0], { msg: "first", keycloak: "kate" });

@@ -22,9 +22,8 @@
 //! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat and
 //!   both of its streams after the offset in one round trip.
 //!
-//! On a Redis Cluster the streams and the sequence would sit on different
-//! shards, which one script cannot reach: recovery is off there (see
-//! `RedisBus::start`).
+//! On a Redis Cluster every key and topic carries the hash tag `{prefix}`
+//! (see `super::key_prefix`): one slot, which the script reaches whole.
 
 use redis::{Script, Value};
 use std::sync::{Arc, LazyLock};
@@ -36,7 +35,8 @@ use crate::{
 };
 
 /// See the module documentation. KEYS: sequence, stream. ARGV: topic,
-/// payload, max entries, retention in ms.
+/// payload, max entries, retention in ms, the publish command (`PUBLISH`,
+/// or `SPUBLISH` on a Redis Cluster).
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -48,7 +48,7 @@ end
 local seq = string.format('%.0f', redis.call('INCR', KEYS[1]))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'n', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[2])
+redis.call(ARGV[5], ARGV[1], seq .. ' ' .. ARGV[2])
 return seq
 ",
     )

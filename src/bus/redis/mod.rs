@@ -1,9 +1,10 @@
 //! The cluster bus: Redis pub/sub between nodes, and the recovery history
 //! beside it.
 //!
-//! * **Publish** ([`publisher`]): one script per notification on a single
-//!   Redis with recovery on (sequence, history entry and `PUBLISH` at once,
-//!   [`history`]), a plain `PUBLISH` (or `SPUBLISH` on a Redis Cluster)
+//! * **Publish** ([`publisher`]): one script per notification with recovery
+//!   on (sequence, history entry and `PUBLISH` at once, [`history`]; on a
+//!   Redis Cluster in the one slot of the `{prefix}` hash tag, see
+//!   [`key_prefix`]), a plain `PUBLISH` (or `SPUBLISH` on a Redis Cluster)
 //!   otherwise, on a shared multiplexed connection that pipelines
 //!   concurrent calls. `/notify` is answered once Redis has executed it, and
 //!   Redis hands messages to each subscriber connection in execution order:
@@ -156,7 +157,7 @@ impl RedisBus {
         stop: CancellationToken,
     ) -> Result<(Self, Vec<JoinHandle<()>>), String> {
         let connector = Connector::new(settings)?;
-        let recovery = config.recovers().then(|| HistorySettings {
+        let recovery = config.recovery.enabled().then(|| HistorySettings {
             retention: retention(config),
             max_missed: config.recovery.max_missed,
             window: config.recovery.window,
@@ -165,7 +166,7 @@ impl RedisBus {
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::channel(JOB_QUEUE);
         let shared = Arc::new(Shared {
-            prefix: settings.prefix.clone(),
+            prefix: key_prefix(settings, recovery.is_some()),
             node,
             recovery,
             publisher: RwLock::new(None),
@@ -178,7 +179,7 @@ impl RedisBus {
         let mut topics = Topics::default();
         if recovery.is_some() {
             // Held for the node's life: one "socket" that never leaves.
-            topics.add([takeover_topic(&settings.prefix)], &mut Vec::new());
+            topics.add([takeover_topic(&shared.prefix)], &mut Vec::new());
         }
         let subscriber = Subscriber {
             connector,
@@ -276,8 +277,17 @@ impl RedisBus {
         if recovering.ended_now && reply.ended.is_none() {
             reply.ended = Some(Ended::At(now));
         }
+        let beat = |origin| match origin {
+            Origin::Seen {
+                at_ms,
+                stopped: false,
+            } => Some(at_ms),
+            _ => None,
+        };
+        let first_beat = beat(reply.origin);
         if reply.ended.is_none()
-            && matches!(reply.origin, Origin::Seen { stopped: false, at_ms } if now.saturating_sub(at_ms) <= NODE_DEAD_AFTER.as_millis() as u64)
+            && first_beat
+                .is_some_and(|at| now.saturating_sub(at) <= NODE_DEAD_AFTER.as_millis() as u64)
         {
             // Another node may still hold the session's previous socket (a
             // polling session outlives its connections): ask every node to
@@ -288,14 +298,11 @@ impl RedisBus {
         }
         // A node killed a moment ago still looks alive: its heartbeat is
         // fresh and it wrote no record. Read again once its heartbeat is old
-        // enough to tell (at most `NODE_DEAD_AFTER`, and only then).
-        if let (
-            None,
-            Origin::Seen {
-                at_ms,
-                stopped: false,
-            },
-        ) = (reply.ended, reply.origin)
+        // enough to tell (at most `NODE_DEAD_AFTER`, and only then). A node
+        // that beat again meanwhile is alive: its record expired with the
+        // window, or it holds the socket still.
+        if let (None, Some(at_ms)) = (reply.ended, beat(reply.origin))
+            && Some(at_ms) == first_beat
         {
             let decidable_at = at_ms + NODE_DEAD_AFTER.as_millis() as u64 + 100;
             if decidable_at > now {
@@ -327,8 +334,8 @@ impl RedisBus {
         command
             .arg(takeover_topic(&self.shared.prefix))
             .arg(format!(
-                "{:032x} {}",
-                recovering.session.id, recovering.user
+                "{:032x} {:016x} {}",
+                recovering.session.id, self.shared.node.0, recovering.user
             ));
         connection
             .query::<i64>(&command)
@@ -403,21 +410,39 @@ impl RedisBus {
     }
 }
 
+/// The prefix of every key and topic. On a Redis Cluster with recovery on
+/// it is a hash tag, `{prefix}`: the one sequence, the streams, the records
+/// and the topics then share one slot, so the publish script reaches them
+/// all and its `SPUBLISH` goes out in sequence order. Recovery thus puts the
+/// bus's whole traffic on the master of that slot; with it off, topics
+/// spread over the shards.
+fn key_prefix(settings: &RedisSettings, recovery: bool) -> String {
+    if settings.cluster && recovery {
+        format!("{{{}}}", settings.prefix)
+    } else {
+        settings.prefix.clone()
+    }
+}
+
 /// How long a returning session waits for another node to close its
 /// previous socket and record the session's end.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
 
-/// The topic every node listens on for take-overs: `"<session> <user>"`.
+/// The topic every node listens on for take-overs: `"<session> <asking
+/// node> <user>"`. The asking node took over locally before it asked, and
+/// ignores its own message (its new socket carries the session too).
 fn takeover_topic(prefix: &str) -> String {
     format!("{prefix}:takeover")
 }
 
-/// Reads a take-over message.
-fn parse_takeover(payload: &[u8]) -> Option<(u128, KeycloakId)> {
+/// Reads a take-over message: the session, the node that asks, the user.
+fn parse_takeover(payload: &[u8]) -> Option<(u128, NodeId, KeycloakId)> {
     let text = std::str::from_utf8(payload).ok()?;
-    let (session, user) = text.split_once(' ')?;
+    let (session, rest) = text.split_once(' ')?;
+    let (node, user) = rest.split_once(' ')?;
     Some((
         u128::from_str_radix(session, 16).ok()?,
+        NodeId(u64::from_str_radix(node, 16).ok()?),
         KeycloakId::parse(user).ok()?,
     ))
 }

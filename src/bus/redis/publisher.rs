@@ -119,7 +119,8 @@ impl Publisher {
                     .arg(topic)
                     .arg(payload)
                     .arg(max)
-                    .arg(retention);
+                    .arg(retention)
+                    .arg(connection.publish_command());
                 let result = connection.invoke::<u64>(&invocation).await.map(|offset| {
                     shared.position.fetch_max(offset, Ordering::AcqRel);
                 });
@@ -158,7 +159,7 @@ impl Publisher {
 
 /// The node's heartbeat, kept for the retention so recovery can judge a
 /// session whose node died after that node's last beat.
-fn beat(shared: &Shared, stopped: bool) -> redis::Cmd {
+pub(super) fn beat(shared: &Shared, stopped: bool) -> redis::Cmd {
     let retention = shared
         .recovery
         .map_or(0, |r| r.retention.as_millis() as u64);

@@ -29,7 +29,9 @@ use super::{
     Shared,
     connection::{Connection, Connector, PushHandler},
     history::split_message,
-    parse_takeover, takeover_topic,
+    parse_takeover,
+    publisher::beat,
+    takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
 use crate::{bus::Deliver, notification::Notification};
@@ -170,7 +172,12 @@ impl Subscriber {
         let generation = self.attempts;
         let needed = self.topics.resubscribe_set();
         let attempt = async {
-            let publisher = self.connector.connect(None).await?;
+            let mut publisher = self.connector.connect(None).await?;
+            // Alive in Redis before ready: a pid this node hands out from
+            // now on can be judged by any node (see `recovery::check_window`).
+            if self.shared.recovery.is_some() {
+                publisher.query::<()>(&beat(&self.shared, false)).await?;
+            }
             let mut subscriber = self
                 .connector
                 .connect(Some(self.push_handler(generation)))
@@ -216,7 +223,10 @@ impl Subscriber {
                         if *topic == takeover.as_bytes() =>
                     {
                         match parse_takeover(payload) {
-                            Some((session, user)) => sink.take_over(&user, session),
+                            Some((session, asking, user)) if asking != shared.node => {
+                                sink.take_over(&user, session)
+                            }
+                            Some(_) => {}
                             None => tracing::warn!("unreadable take-over dropped"),
                         }
                     }
