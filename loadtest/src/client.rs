@@ -4,6 +4,7 @@
 //! `auth` payload, pongs, and `notification` events.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
@@ -56,6 +57,12 @@ pub struct Stamp {
 /// An open, connected socket.io client.
 pub struct Client {
     ws: WebSocketStream<TcpStream>,
+    /// The session's pid from the CONNECT acknowledgement (recovery on).
+    pub pid: Option<String>,
+    /// Events that came before the CONNECT acknowledgement: Node's socket.io
+    /// writes a recovered session's missed packets first. Read before the
+    /// websocket.
+    early: VecDeque<Utf8Bytes>,
 }
 
 /// What a connected client saw.
@@ -87,22 +94,32 @@ impl Client {
         let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
             .await
             .context("websocket handshake")?;
-        let mut client = Client { ws };
-        let open = client.next_text().await.ok_or_else(|| anyhow!("no OPEN"))?;
+        let mut client = Client {
+            ws,
+            pid: None,
+            early: VecDeque::new(),
+        };
+        let open = client.read_text().await.ok_or_else(|| anyhow!("no OPEN"))?;
         if !open.starts_with('0') {
             bail!("expected engine.io OPEN, got {open}");
         }
         client.ws.send(Message::text(format!("40{auth}"))).await?;
         loop {
-            let packet = tokio::time::timeout(Duration::from_secs(10), client.next_text())
+            let packet = tokio::time::timeout(Duration::from_secs(10), client.read_text())
                 .await
                 .context("CONNECT answer timed out")?
                 .ok_or_else(|| anyhow!("closed before CONNECT answer"))?;
-            if packet.starts_with("40") {
+            if let Some(ack) = packet.strip_prefix("40") {
+                client.pid = serde_json::from_str::<serde_json::Value>(ack)
+                    .ok()
+                    .and_then(|ack| Some(ack.get("pid")?.as_str()?.to_string()));
                 return Ok(client);
             }
             if packet.starts_with("44") {
                 bail!("refused: {packet}");
+            }
+            if packet.starts_with("42") {
+                client.early.push_back(packet);
             }
         }
     }
@@ -130,9 +147,44 @@ impl Client {
         }
     }
 
-    /// The next text frame but pings, which it answers. The frame's bytes
-    /// are handed over as tungstenite read them, not copied.
+    /// The next notification with its offset (recovery on), answering pings
+    /// on the way; `None` once closed. Parses both values, unlike
+    /// [`Client::next_event`], which the fan-out generator keeps lean.
+    pub async fn next_with_offset(&mut self) -> Option<(Stamp, Option<String>)> {
+        loop {
+            let text = self.next_text().await?;
+            let Some(args) = text
+                .as_str()
+                .strip_prefix(r#"42["notification","#)
+                .and_then(|rest| rest.strip_suffix(']'))
+            else {
+                continue;
+            };
+            let mut values = serde_json::Deserializer::from_str(args).into_iter::<serde_json::Value>();
+            let stamp = values.next()?.ok()?;
+            let stamp: Stamp = serde_json::from_value(stamp).ok()?;
+            let offset = serde_json::from_str::<String>(args[values.byte_offset()..].trim_start_matches([',', ' '])).ok();
+            return Some((stamp, offset));
+        }
+    }
+
+    /// Closes the websocket, as a dropped connection.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+
+    /// The next text frame: an early one, or the websocket's.
     async fn next_text(&mut self) -> Option<Utf8Bytes> {
+        match self.early.pop_front() {
+            Some(early) => Some(early),
+            None => self.read_text().await,
+        }
+    }
+
+    /// The next text frame from the websocket but pings, which it answers.
+    /// The frame's bytes are handed over as tungstenite read them, not
+    /// copied.
+    async fn read_text(&mut self) -> Option<Utf8Bytes> {
         loop {
             match self.ws.next().await? {
                 Ok(Message::Text(t)) if t.as_str() == "2" => {

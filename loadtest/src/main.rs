@@ -64,6 +64,13 @@ enum Command {
         /// Only these scenarios (default: all).
         #[arg(long, value_enum)]
         only: Vec<Scenario>,
+        /// The server whose ratio the table shows ...
+        #[arg(long, value_enum, default_value_t = Kind::Channels)]
+        ours: Kind,
+        /// ... to this one's (`channels-no-recovery`: the cost of recovery;
+        /// `node-recovery`: the anchor with socket.io's recovery on).
+        #[arg(long, value_enum, default_value_t = Kind::Node)]
+        theirs: Kind,
     },
 }
 
@@ -76,6 +83,8 @@ enum Scenario {
     Fanout,
     Targeted,
     Cluster,
+    /// Recovery: a socket that missed `--notifies` gets them on return.
+    Replay,
 }
 
 impl Scenario {
@@ -92,6 +101,7 @@ impl Scenario {
             Scenario::Fanout => scenarios::fanout(kind, programs, sizes).await,
             Scenario::Targeted => scenarios::targeted(kind, programs, sizes, 1).await,
             Scenario::Cluster => scenarios::targeted(kind, programs, sizes, 2).await,
+            Scenario::Replay => scenarios::replay(kind, programs, sizes).await,
         }
     }
 
@@ -106,7 +116,12 @@ impl Scenario {
             connections,
             posters: if quick { 4 } else { 32 },
             seconds: if quick { 1.0 } else { 10.0 },
-            notifies: if quick { 50 } else { 2000 },
+            notifies: match (self, quick) {
+                (_, true) => 50,
+                // channels' default CHANNELS_RECOVERY_MAX_MISSED.
+                (Scenario::Replay, false) => 1000,
+                _ => 2000,
+            },
             window: 16,
             rate: 0.0,
         }
@@ -126,6 +141,12 @@ impl Scenario {
                 ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
                 ("cores busy: server", |r| r.server_cores),
                 ("cores busy: generator", |r| r.generator_cores),
+            ],
+            Scenario::Replay => vec![
+                ("replay p50 ms", |r| r.p50_ms),
+                ("replay max ms", |r| r.max_ms),
+                ("lost", |r| r.lost as f64),
+                ("out of order", |r| r.out_of_order as f64),
             ],
             Scenario::Targeted | Scenario::Cluster => vec![
                 ("notifies/s", |r| r.notifies_per_s),
@@ -169,8 +190,10 @@ async fn main() -> anyhow::Result<()> {
             idle_connections,
             quick,
             only,
+            ours,
+            theirs,
         } => {
-            prepare(&programs, &[Kind::Channels, Kind::Node]).await?;
+            prepare(&programs, &[ours, theirs]).await?;
             let scenarios = if only.is_empty() {
                 Scenario::ALL.to_vec()
             } else {
@@ -182,12 +205,16 @@ async fn main() -> anyhow::Result<()> {
                 let mut reports: Vec<(Kind, Report)> = Vec::new();
                 for round in 0..rounds {
                     let order = if round % 2 == 0 {
-                        [Kind::Channels, Kind::Node]
+                        [ours, theirs]
                     } else {
-                        [Kind::Node, Kind::Channels]
+                        [theirs, ours]
                     };
                     for kind in order {
-                        eprintln!("{scenario:?} round {} / {rounds}: {kind:?}", round + 1);
+                        eprintln!(
+                            "{scenario:?} round {} / {rounds}: {}",
+                            round + 1,
+                            kind.name()
+                        );
                         let report = scenario.run(kind, &programs, &sizes).await?;
                         report.print();
                         reports.push((kind, report));
@@ -195,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 table.push((scenario, reports));
             }
-            print_table(&table);
+            print_table(&table, ours, theirs);
         }
     }
     Ok(())
@@ -203,13 +230,13 @@ async fn main() -> anyhow::Result<()> {
 
 /// Checks the programs exist; installs the Node baseline's packages.
 async fn prepare(programs: &Programs, kinds: &[Kind]) -> anyhow::Result<()> {
-    if kinds.contains(&Kind::Channels) && !programs.channels.exists() {
+    if kinds.iter().any(|k| k.is_channels()) && !programs.channels.exists() {
         anyhow::bail!(
             "{} not found: build it with `cargo build --release` (or pass --channels-bin)",
             programs.channels.display()
         );
     }
-    if kinds.contains(&Kind::Node) && !programs.node_dir.join("node_modules").exists() {
+    if kinds.iter().any(|k| !k.is_channels()) && !programs.node_dir.join("node_modules").exists() {
         let status = tokio::process::Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(&programs.node_dir)
@@ -225,10 +252,11 @@ async fn prepare(programs: &Programs, kinds: &[Kind]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Medians per server and their ratio, channels to Node.
-fn print_table(table: &[(Scenario, Vec<(Kind, Report)>)]) {
+/// Medians per server and their ratio, ours to theirs.
+fn print_table(table: &[(Scenario, Vec<(Kind, Report)>)], ours: Kind, theirs: Kind) {
+    let (a, b) = (ours.name(), theirs.name());
     println!();
-    println!("| scenario | measure | channels | node | channels ÷ node |");
+    println!("| scenario | measure | {a} | {b} | {a} ÷ {b} |");
     println!("|---|---|---|---|---|");
     for (scenario, reports) in table {
         for (label, value) in scenario.headline() {
@@ -241,14 +269,14 @@ fn print_table(table: &[(Scenario, Vec<(Kind, Report)>)]) {
                         .collect(),
                 )
             };
-            let (ours, theirs) = (of(Kind::Channels), of(Kind::Node));
-            let ratio = if theirs > 0.0 {
-                format!("{:.2}", ours / theirs)
+            let (x, y) = (of(ours), of(theirs));
+            let ratio = if y > 0.0 {
+                format!("{:.2}", x / y)
             } else {
                 "-".into()
             };
             println!(
-                "| {} | {label} | {ours:.2} | {theirs:.2} | {ratio} |",
+                "| {} | {label} | {x:.2} | {y:.2} | {ratio} |",
                 format!("{scenario:?}").to_lowercase()
             );
         }

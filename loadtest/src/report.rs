@@ -87,7 +87,7 @@ impl Report {
         println!(
             "{:<8} {:<8} conns {:>6} ({:>6.0}/s) rss/conn {:>5.1} KiB | notifies {:>7} ({:>8.0}/s) deliveries/s {:>9.0} | lost {} ooo {} | p50 {:.2} p99 {:.2} max {:.2} ms | cpu {:.0} µs/notify | cores busy: server {:.2} generator {:.2}",
             self.scenario,
-            format!("{:?}", self.server.unwrap_or(Kind::Channels)).to_lowercase(),
+            self.server.unwrap_or(Kind::Channels).name(),
             self.connections,
             self.connects_per_s,
             self.rss_per_connection_kib,

@@ -445,3 +445,71 @@ async fn wait_with_progress(until: Instant, line: impl Fn() -> String) {
 fn cores(ticks: u64, seconds: f64) -> f64 {
     ticks as f64 / TICKS_PER_SECOND / seconds.max(1e-9)
 }
+
+/// Replays timed, one after another.
+const REPLAYS: usize = 5;
+
+/// Replay speed: one socket on a node over a private Redis receives one
+/// notification, drops, misses `notifies` more (posted to its user), and
+/// reconnects with its pid and that offset; the time from the start of the
+/// reconnect to the last replayed notification, [`REPLAYS`] times (p50 and
+/// max of those). Every replay must be recovered and exact.
+pub async fn replay(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
+    let redis = Redis::start().await?;
+    let server = Server::start(kind, programs, Some(&redis.url)).await?;
+    let sources = Sources::new();
+    let tokens = tokens();
+    let mut poster = Poster::connect(server.addr).await?;
+    let missed = sizes.notifies;
+    let mut times = Latencies::new();
+    let (mut lost, mut out_of_order) = (0, 0);
+    for i in 0..REPLAYS {
+        let fresh = auth(&tokens, i, "c0");
+        let mut client = Client::connect(server.addr, &sources, &fresh).await?;
+        let pid = client
+            .pid
+            .clone()
+            .context("no pid in the CONNECT acknowledgement: recovery is off")?;
+        let target = format!(r#""keycloak":"u{i}""#);
+        anyhow::ensure!(poster.post(body(&target, 0)).await, "notify refused");
+        let offset = tokio::time::timeout(Duration::from_secs(5), client.next_with_offset())
+            .await
+            .ok()
+            .flatten()
+            .and_then(|(_, offset)| offset)
+            .context("no offset on the first notification")?;
+        client.close().await;
+        // The node sees the close and records the session's end.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for n in 1..=missed {
+            anyhow::ensure!(poster.post(body(&target, n)).await, "notify refused");
+        }
+        let mut returning: serde_json::Value = serde_json::from_str(&fresh)?;
+        returning["pid"] = json!(pid);
+        returning["offset"] = json!(offset);
+        let started = Instant::now();
+        let mut client = Client::connect(server.addr, &sources, &returning.to_string()).await?;
+        anyhow::ensure!(client.pid.as_deref() == Some(pid.as_str()), "not recovered");
+        let mut expected = 1;
+        while expected <= missed {
+            let next = tokio::time::timeout(Duration::from_secs(10), client.next_with_offset()).await;
+            let Ok(Some((stamp, _))) = next else { break };
+            if stamp.n != expected {
+                out_of_order += 1;
+            }
+            expected = stamp.n + 1;
+        }
+        times.record(started.elapsed().as_micros() as u64);
+        lost += (missed + 1).saturating_sub(expected);
+        client.close().await;
+    }
+    Ok(Report {
+        connections: REPLAYS,
+        nodes: 1,
+        notifies: missed,
+        expected: missed * REPLAYS as u64,
+        lost,
+        out_of_order,
+        ..Report::new("replay", kind, times)
+    })
+}

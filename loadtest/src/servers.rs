@@ -19,10 +19,33 @@ const UPSTREAM_SECRET: &str = "loadtest-upstream-secret-0123456789abcdef";
 
 /// Which server a run measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Kind {
+    /// channels as configured by default: connection state recovery on.
     Channels,
+    /// channels with `CHANNELS_RECOVERY_WINDOW=0`.
+    ChannelsNoRecovery,
+    /// Node's socket.io, the official Redis adapter for a cluster.
     Node,
+    /// Node's socket.io with `connectionStateRecovery`, the redis-streams
+    /// adapter for a cluster.
+    NodeRecovery,
+}
+
+impl Kind {
+    pub fn is_channels(self) -> bool {
+        matches!(self, Kind::Channels | Kind::ChannelsNoRecovery)
+    }
+
+    /// The name `--server` and the tables use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Channels => "channels",
+            Kind::ChannelsNoRecovery => "channels-no-recovery",
+            Kind::Node => "node",
+            Kind::NodeRecovery => "node-recovery",
+        }
+    }
 }
 
 /// Where the servers' programs are, and how channels runs.
@@ -52,7 +75,7 @@ impl Server {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut command = match kind {
-            Kind::Channels => {
+            Kind::Channels | Kind::ChannelsNoRecovery => {
                 let mut c = Command::new(&programs.channels);
                 c.arg("serve").envs([
                     ("CHANNELS_LISTEN", addr.to_string().as_str()),
@@ -74,9 +97,12 @@ impl Server {
                 if let Some(url) = redis {
                     c.env("CHANNELS_REDIS_URL", url);
                 }
+                if kind == Kind::ChannelsNoRecovery {
+                    c.env("CHANNELS_RECOVERY_WINDOW", "0");
+                }
                 c
             }
-            Kind::Node => {
+            Kind::Node | Kind::NodeRecovery => {
                 let mut c = Command::new("node");
                 c.arg("server.js").current_dir(&programs.node_dir).envs([
                     ("PORT", port.to_string().as_str()),
@@ -85,6 +111,9 @@ impl Server {
                 ]);
                 if let Some(url) = redis {
                     c.env("REDIS_URL", url);
+                }
+                if kind == Kind::NodeRecovery {
+                    c.env("RECOVERY", "1");
                 }
                 c
             }

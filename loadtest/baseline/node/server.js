@@ -3,9 +3,13 @@
 // complete: a raw http server, HS256 ws-token checks with node:crypto, and
 // one room per target (channel, user, user+channel) so each /notify is a
 // single `io.to(room).emit`. With REDIS_URL it runs as a cluster node through
-// the official @socket.io/redis-adapter.
+// the official @socket.io/redis-adapter. With RECOVERY=1, socket.io's
+// connectionStateRecovery is on (a 120 s window, as channels' default), and
+// a cluster node uses @socket.io/redis-streams-adapter, the adapter that
+// supports it.
 //
-// Environment: PORT, WS_SECRET, API_KEY, REDIS_URL (optional).
+// Environment: PORT, WS_SECRET, API_KEY, REDIS_URL (optional), RECOVERY
+// (optional).
 "use strict";
 
 const http = require("node:http");
@@ -98,7 +102,12 @@ const server = http.createServer((req, res) => {
   });
 });
 
-const io = new Server(server, { serveClient: false, cors: { origin: "*" } });
+const RECOVERY = process.env.RECOVERY === "1";
+const io = new Server(server, {
+  serveClient: false,
+  cors: { origin: "*" },
+  ...(RECOVERY ? { connectionStateRecovery: { maxDisconnectionDuration: 120_000, skipMiddlewares: true } } : {}),
+});
 
 io.use((socket, next) => {
   const { token, keycloakID, channel } = socket.handshake.auth || {};
@@ -111,11 +120,17 @@ io.use((socket, next) => {
 async function main() {
   if (process.env.REDIS_URL) {
     const { createClient } = require("redis");
-    const { createAdapter } = require("@socket.io/redis-adapter");
     const pub = createClient({ url: process.env.REDIS_URL });
-    const sub = pub.duplicate();
-    await Promise.all([pub.connect(), sub.connect()]);
-    io.adapter(createAdapter(pub, sub));
+    if (RECOVERY) {
+      const { createAdapter } = require("@socket.io/redis-streams-adapter");
+      await pub.connect();
+      io.adapter(createAdapter(pub));
+    } else {
+      const { createAdapter } = require("@socket.io/redis-adapter");
+      const sub = pub.duplicate();
+      await Promise.all([pub.connect(), sub.connect()]);
+      io.adapter(createAdapter(pub, sub));
+    }
   }
   server.listen(PORT, "127.0.0.1", () => console.log(`node baseline listening on ${PORT}`));
 }
