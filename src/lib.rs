@@ -110,7 +110,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         recovery: config
             .recovery
             .enabled()
-            .then(|| RecoveryState::new(&config, node)),
+            .then(|| Arc::new(RecoveryState::new(&config, node))),
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
     let app = http::app(socket_io, &config, limiters.clone());

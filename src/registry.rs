@@ -87,7 +87,11 @@ impl<S: Clone> Registry<S> {
         socket: S,
     ) -> Result<(), TooManySockets> {
         {
-            let mut sockets = self.by_user.entry(user.clone()).or_default();
+            // Most users hold one socket: room for one, not a Vec's first four.
+            let mut sockets = self
+                .by_user
+                .entry(user.clone())
+                .or_insert_with(|| Vec::with_capacity(1));
             if sockets.iter().any(|s| s.sid == sid) {
                 return Ok(()); // Already registered: keep the counts right.
             }

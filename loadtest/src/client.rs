@@ -160,10 +160,14 @@ impl Client {
             else {
                 continue;
             };
-            let mut values = serde_json::Deserializer::from_str(args).into_iter::<serde_json::Value>();
+            let mut values =
+                serde_json::Deserializer::from_str(args).into_iter::<serde_json::Value>();
             let stamp = values.next()?.ok()?;
             let stamp: Stamp = serde_json::from_value(stamp).ok()?;
-            let offset = serde_json::from_str::<String>(args[values.byte_offset()..].trim_start_matches([',', ' '])).ok();
+            let offset = serde_json::from_str::<String>(
+                args[values.byte_offset()..].trim_start_matches([',', ' ']),
+            )
+            .ok();
             return Some((stamp, offset));
         }
     }

@@ -492,7 +492,8 @@ pub async fn replay(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
         anyhow::ensure!(client.pid.as_deref() == Some(pid.as_str()), "not recovered");
         let mut expected = 1;
         while expected <= missed {
-            let next = tokio::time::timeout(Duration::from_secs(10), client.next_with_offset()).await;
+            let next =
+                tokio::time::timeout(Duration::from_secs(10), client.next_with_offset()).await;
             let Ok(Some((stamp, _))) = next else { break };
             if stamp.n != expected {
                 out_of_order += 1;

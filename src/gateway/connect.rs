@@ -165,7 +165,7 @@ pub(super) async fn authenticate(
         gate: gate.clone(),
         session: returning_session
             .or(fresh.as_ref().map(|(session, _)| *session))
-            .map(|session| session.id),
+            .map_or(0, |session| session.id as u64),
     };
     // Reachable locally first, then subscribed on the bus, then (for a
     // returning session) its history read; only then does socketioxide

@@ -40,11 +40,13 @@ pub struct Recipient {
     /// Only for a socket that returned with a pid: holds live deliveries
     /// until its replay is written.
     gate: Option<Arc<Gate>>,
-    /// The id of the session it connected with (returning or new), so a
-    /// returning client can take over a predecessor this node has not yet
-    /// seen leave (a polling session outlives its TCP connections until
-    /// the heartbeat's timeout).
-    session: Option<u128>,
+    /// The low 64 bits of the id of the session it connected with
+    /// (returning or new; 0 with recovery off), so a returning client can
+    /// take over a predecessor this node has not yet seen leave (a polling
+    /// session outlives its TCP connections until the heartbeat's timeout).
+    /// 64 bits tell a user's sessions apart, and keep a registry entry
+    /// small: the registry holds two per socket.
+    session: u64,
 }
 
 /// Closes this node's sockets of `user` that still carry `session` (but
@@ -66,7 +68,7 @@ fn take_over(
     );
     let mut found = false;
     for old in sockets {
-        if old.session == Some(session) && Some(old.socket.id) != except {
+        if old.session == session as u64 && Some(old.socket.id) != except {
             tracing::debug!(sid = %old.socket.id, "a returning session takes over its previous socket");
             let _ = old.socket.disconnect();
             found = true;
@@ -86,7 +88,9 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// `None` when sessions are not recoverable (recovery off, or a bus
     /// that cannot keep the history).
-    pub recovery: Option<RecoveryState>,
+    /// Behind an `Arc`: every socket's disconnect handler holds a clone of
+    /// the gateway, and the pid key alone is 192 bytes.
+    pub recovery: Option<Arc<RecoveryState>>,
 }
 
 /// What the connect path needs to give and recover sessions.
