@@ -96,6 +96,8 @@ pub struct Config {
     pub redis: Option<RedisSettings>,
     /// `CHANNELS_RECOVERY_*`: connection state recovery.
     pub recovery: Recovery,
+    /// `CHANNELS_IDEMPOTENCY_*`: `Idempotency-Key` on `/notify`.
+    pub idempotency: Idempotency,
     /// What one client, key or user may ask of the node.
     pub limits: Limits,
 }
@@ -117,6 +119,17 @@ impl Recovery {
     pub fn enabled(&self) -> bool {
         !self.window.is_zero()
     }
+}
+
+/// How long and how many `Idempotency-Key`s are kept ([`crate::idempotency`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Idempotency {
+    /// `CHANNELS_IDEMPOTENCY_WINDOW`: how long a key answers its first
+    /// call's answer.
+    pub window: Duration,
+    /// `CHANNELS_IDEMPOTENCY_MAX_KEYS`: the most keys a standalone node
+    /// keeps (the oldest go first); Redis keeps every key for the window.
+    pub max_keys: usize,
 }
 
 /// The limits of [`crate::limits`], each refusal counted by name.
@@ -284,6 +297,10 @@ impl Config {
                 window: Duration::from_secs(env.parse("CHANNELS_RECOVERY_WINDOW", "120")?),
                 max_missed: env.positive("CHANNELS_RECOVERY_MAX_MISSED", "1000")?,
             },
+            idempotency: Idempotency {
+                window: env.seconds("CHANNELS_IDEMPOTENCY_WINDOW", "3600")?,
+                max_keys: env.positive("CHANNELS_IDEMPOTENCY_MAX_KEYS", "100000")?,
+            },
             limits: env.limits()?,
         })
     }
@@ -363,6 +380,11 @@ impl Config {
             (
                 "CHANNELS_RECOVERY_MAX_MISSED",
                 self.recovery.max_missed.to_string(),
+            ),
+            ("CHANNELS_IDEMPOTENCY_WINDOW", secs(self.idempotency.window)),
+            (
+                "CHANNELS_IDEMPOTENCY_MAX_KEYS",
+                self.idempotency.max_keys.to_string(),
             ),
             (
                 "CHANNELS_WORKER_THREADS",

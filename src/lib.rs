@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod idempotency;
 pub mod limits;
 pub mod metrics;
 pub mod notification;

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     config::Config,
+    idempotency::LocalStore,
     notification::Notification,
     recovery::{self, Ended, NotRecoverable, Offset, Origin, Session},
 };
@@ -38,6 +39,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub struct LocalBus {
     tx: mpsc::Sender<Notification>,
     shared: Arc<Shared>,
+    /// The node's `Idempotency-Key` claims.
+    idempotency: Arc<LocalStore>,
 }
 
 struct Shared {
@@ -85,7 +88,22 @@ impl LocalBus {
                 }
             }
         });
-        (Self { tx, shared }, task)
+        let idempotency = Arc::new(LocalStore::new(
+            config.idempotency.window,
+            config.idempotency.max_keys,
+        ));
+        (
+            Self {
+                tx,
+                shared,
+                idempotency,
+            },
+            task,
+        )
+    }
+
+    pub fn idempotency(&self) -> &LocalStore {
+        &self.idempotency
     }
 
     pub async fn publish(&self, notification: Notification) -> Result<(), BusError> {

@@ -26,6 +26,7 @@ pub use redis::{RedisBus, RedisSettings, UNSUBSCRIBE_DELAY};
 use self::history::{Missed, Recovering};
 use crate::{
     config::Config,
+    idempotency::{Answer, Claim, IdempotencyKey},
     metrics::Metrics,
     notification::{Channel, KeycloakId, Notification},
     recovery::{Ended, NodeId, NotRecoverable, Offset, Session},
@@ -88,6 +89,31 @@ impl Bus {
         match self {
             Bus::Local(bus) => bus.publish(notification).await,
             Bus::Redis(bus) => bus.publish(notification).await,
+        }
+    }
+
+    /// Claims an `Idempotency-Key` for a call of this `fingerprint`, for
+    /// every node ([`crate::idempotency`]).
+    pub async fn claim(&self, key: &IdempotencyKey, fingerprint: &str) -> Result<Claim, BusError> {
+        match self {
+            Bus::Local(bus) => Ok(bus.idempotency().claim(key, fingerprint)),
+            Bus::Redis(bus) => bus.claim(key, fingerprint).await,
+        }
+    }
+
+    /// Keeps the answer of a claimed key's call for the window.
+    pub async fn complete(&self, key: &IdempotencyKey, fingerprint: &str, answer: &Answer) {
+        match self {
+            Bus::Local(bus) => bus.idempotency().complete(key, fingerprint, answer),
+            Bus::Redis(bus) => bus.complete(key, fingerprint, answer).await,
+        }
+    }
+
+    /// Gives a claimed key back: its call failed, and a retry is a first call.
+    pub async fn release(&self, key: &IdempotencyKey, fingerprint: &str) {
+        match self {
+            Bus::Local(bus) => bus.idempotency().release(key),
+            Bus::Redis(bus) => bus.release(key, fingerprint).await,
         }
     }
 

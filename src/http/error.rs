@@ -30,6 +30,12 @@ pub enum ApiError {
     },
     #[error("no such endpoint")]
     NotFound,
+    /// A repeat of an `Idempotency-Key` whose first call is in progress.
+    #[error("a call with this Idempotency-Key is in progress; retry once it is done")]
+    Conflict,
+    /// An `Idempotency-Key` repeated with another body.
+    #[error("this Idempotency-Key was used with another body")]
+    IdempotencyKeyReused,
 }
 
 impl ApiError {
@@ -46,6 +52,10 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict => (StatusCode::CONFLICT, "conflict"),
+            ApiError::IdempotencyKeyReused => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
         }
     }
 }

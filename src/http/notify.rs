@@ -3,8 +3,11 @@
 //! The call is checked in this order, each failure answered before the next
 //! step runs: the caller's address rate (429), media type (415), size (413),
 //! JSON (400), API key (401), the key's rate (429), message and target
-//! (400), message depth (400). Only a fully valid call reaches the bus, so a
-//! rejected call delivers nothing.
+//! (400), message depth (400), `Idempotency-Key` (400). Only a fully valid
+//! call reaches the bus, so a rejected call delivers nothing. A valid call
+//! with an `Idempotency-Key` claims it first ([`crate::idempotency`]): a
+//! repeat answers the first call's answer (`Idempotent-Replayed: true`),
+//! `409` while that call is in progress, `422` with another body.
 //!
 //! [`parse_body`] and [`NotifyBody::validate`] hold the parsing and
 //! validation, free of HTTP, so the fuzz targets run them directly.
@@ -15,7 +18,8 @@ use axum::{
     Extension, Json,
     body::Body,
     extract::State,
-    http::{HeaderMap, header},
+    http::{HeaderMap, HeaderValue, header},
+    response::{IntoResponse, Response},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
@@ -23,6 +27,7 @@ use serde_json::{Value, json, value::RawValue};
 
 use super::{AppState, ClientAddr, error::ApiError};
 use crate::{
+    idempotency::{self, Answer, Claim, IdempotencyKey},
     limits::nested_deeper_than,
     notification::{Channel, KeycloakId, Notification, Target},
 };
@@ -52,13 +57,14 @@ pub async fn notify(
     Extension(ClientAddr(client)): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let result = match state.limiters.check_notify_address(client) {
         Ok(()) => accept(&state, &headers, body).await,
         Err(refused) => Err(refused.into()),
     };
     let (variant, outcome) = match &result {
-        Ok((_, variant)) => (*variant, "accepted"),
+        Ok((answer, false)) => (answer.variant, "accepted"),
+        Ok((answer, true)) => (answer.variant, "replayed"),
         Err(ApiError::Unavailable(_)) => ("none", "unavailable"),
         Err(_) => ("none", "rejected"),
     };
@@ -71,16 +77,24 @@ pub async fn notify(
     if let Err(e) = &result {
         tracing::info!(error = %e, "notify refused");
     }
-    let (id, variant) = result?;
-    Ok(Json(json!({"id": id, "variant": variant})))
+    let (Answer { id, variant }, replayed) = result?;
+    let mut response = Json(json!({"id": id, "variant": variant})).into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
-/// Validates the call and publishes it; returns the notification's id and variant.
+/// Validates the call and publishes it (once per `Idempotency-Key`);
+/// returns the notification's id and variant, and whether they are a
+/// first call's, replayed.
 async fn accept(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(String, &'static str), ApiError> {
+) -> Result<(Answer, bool), ApiError> {
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -113,16 +127,52 @@ async fn accept(
         )));
     }
 
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| IdempotencyKey::parse(v.as_bytes()))
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    let Some(key) = idempotency_key else {
+        return Ok((publish(state, target, msg).await?, false));
+    };
+    let fingerprint = idempotency::fingerprint(&target, msg.get());
+    let unavailable = |e: crate::bus::BusError| ApiError::Unavailable(e.to_string());
+    match state
+        .bus
+        .claim(&key, &fingerprint)
+        .await
+        .map_err(unavailable)?
+    {
+        Claim::First => match publish(state, target, msg).await {
+            Ok(answer) => {
+                state.bus.complete(&key, &fingerprint, &answer).await;
+                Ok((answer, false))
+            }
+            Err(e) => {
+                state.bus.release(&key, &fingerprint).await;
+                Err(e)
+            }
+        },
+        Claim::Replay(answer) => Ok((answer, true)),
+        Claim::InProgress => Err(ApiError::Conflict),
+        Claim::Reused => Err(ApiError::IdempotencyKeyReused),
+    }
+}
+
+/// Publishes a validated call; its answer.
+async fn publish(state: &AppState, target: Target, msg: Box<RawValue>) -> Result<Answer, ApiError> {
     let notification = Notification::new(target, msg);
-    let id = notification.id.clone();
-    let variant = notification.target.variant();
-    tracing::debug!(%id, variant, "notification accepted");
+    let answer = Answer {
+        id: notification.id.clone(),
+        variant: notification.target.variant(),
+    };
+    tracing::debug!(id = %answer.id, variant = answer.variant, "notification accepted");
     state
         .bus
         .publish(notification)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok((id, variant))
+    Ok(answer)
 }
 
 /// The body, up to `CHANNELS_MAX_BODY_BYTES`: refused from its declared

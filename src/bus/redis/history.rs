@@ -99,6 +99,9 @@ impl Keys<'_> {
     pub fn session(&self, session: &Session) -> String {
         format!("{}:r:{:032x}", self.0, session.id)
     }
+    pub fn idempotency(&self, key: &crate::idempotency::IdempotencyKey) -> String {
+        format!("{}:i:{}", self.0, key.digest())
+    }
     pub fn heartbeat(&self, node: NodeId) -> String {
         format!("{}:n:{:016x}", self.0, node.0)
     }

@@ -21,6 +21,7 @@
 
 mod connection;
 mod history;
+mod idempotency;
 mod publisher;
 mod subscriber;
 mod topics;
@@ -112,6 +113,8 @@ struct Shared {
     node: NodeId,
     /// `None` when recovery is off.
     recovery: Option<HistorySettings>,
+    /// `CHANNELS_IDEMPOTENCY_WINDOW`.
+    idempotency_window: Duration,
     /// The publishing connection; `None` while Redis is unreachable. A std
     /// `RwLock`: held only to clone the handle, never across an `.await`.
     publisher: RwLock<Option<Connection>>,
@@ -169,6 +172,7 @@ impl RedisBus {
             prefix: key_prefix(settings, recovery.is_some()),
             node,
             recovery,
+            idempotency_window: config.idempotency.window,
             publisher: RwLock::new(None),
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
