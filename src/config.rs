@@ -72,6 +72,10 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// `CHANNELS_MAX_BODY_BYTES`: largest accepted `/notify` body.
     pub max_body_bytes: usize,
+    /// `CHANNELS_MAX_BATCH`: most notifications in one `/notify/batch`.
+    pub max_batch: usize,
+    /// `CHANNELS_MAX_BATCH_BYTES`: largest accepted `/notify/batch` body.
+    pub max_batch_bytes: usize,
     /// `CHANNELS_SOCKET_QUEUE`: packets a socket may have waiting before it is
     /// disconnected as a slow client.
     pub socket_queue: usize,
@@ -282,6 +286,8 @@ impl Config {
             api_keys,
             cors_origins,
             max_body_bytes,
+            max_batch: env.positive("CHANNELS_MAX_BATCH", "1000")?,
+            max_batch_bytes: env.positive("CHANNELS_MAX_BATCH_BYTES", "8388608")?,
             socket_queue,
             ws_max_message_bytes,
             metrics_max_channels: env.parse("CHANNELS_METRICS_MAX_CHANNELS", "200")?,
@@ -357,6 +363,8 @@ impl Config {
             ),
             ("CHANNELS_CORS_ORIGINS", list(&self.cors_origins)),
             ("CHANNELS_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
+            ("CHANNELS_MAX_BATCH", self.max_batch.to_string()),
+            ("CHANNELS_MAX_BATCH_BYTES", self.max_batch_bytes.to_string()),
             ("CHANNELS_SOCKET_QUEUE", self.socket_queue.to_string()),
             (
                 "CHANNELS_WS_MAX_MESSAGE_BYTES",

@@ -47,6 +47,11 @@ impl IdempotencyKey {
         Ok(Self(String::from_utf8_lossy(raw).into_owned()))
     }
 
+    /// The key of a batch's item: each item is deduplicated on its own.
+    pub fn item(&self, index: usize) -> Self {
+        Self(format!("{}#{index}", self.0))
+    }
+
     /// SHA-256 of the key, hex: the name it is stored under, so a stored
     /// key costs the same whatever its length.
     pub fn digest(&self) -> String {

@@ -100,6 +100,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         metrics: metrics.clone(),
         limiters: limiters.clone(),
         max_body_bytes: config.max_body_bytes,
+        max_batch: config.max_batch,
+        max_batch_bytes: config.max_batch_bytes,
         max_json_depth: config.limits.max_json_depth,
         shutting_down: shutting_down.clone(),
     };

@@ -52,7 +52,14 @@ async fn every_answer_matches_the_openapi_document() {
         .json()
         .await
         .unwrap();
-    for path in ["/authorize", "/notify", "/healthz", "/readyz", "/metrics"] {
+    for path in [
+        "/authorize",
+        "/notify",
+        "/notify/batch",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
         assert!(
             document["paths"][path].is_object(),
             "{path} is not documented"

@@ -92,6 +92,25 @@ impl Bus {
         }
     }
 
+    /// Publishes notifications in order, as one publish each in a row would,
+    /// but without waiting for one before sending the next (over Redis, one
+    /// pipelined round trip). One outcome per notification, in order.
+    pub async fn publish_many(
+        &self,
+        notifications: Vec<Notification>,
+    ) -> Vec<Result<(), BusError>> {
+        match self {
+            Bus::Local(bus) => {
+                let mut outcomes = Vec::with_capacity(notifications.len());
+                for notification in notifications {
+                    outcomes.push(bus.publish(notification).await);
+                }
+                outcomes
+            }
+            Bus::Redis(bus) => bus.publish_many(notifications).await,
+        }
+    }
+
     /// Claims an `Idempotency-Key` for a call of this `fingerprint`, for
     /// every node ([`crate::idempotency`]).
     pub async fn claim(&self, key: &IdempotencyKey, fingerprint: &str) -> Result<Claim, BusError> {

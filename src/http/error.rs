@@ -13,6 +13,9 @@ use serde_json::json;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// An item of a batch is refused: the batch is, whole.
+    #[error("notifications[{index}]: {message}")]
+    BadItem { index: usize, message: String },
     /// `bearer`: answer with `WWW-Authenticate: Bearer` (`/authorize`).
     #[error("{message}")]
     Unauthorized { message: String, bearer: bool },
@@ -41,7 +44,9 @@ pub enum ApiError {
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::BadRequest(_) | ApiError::BadItem { .. } => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
             ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
@@ -63,11 +68,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let mut response = (
-            status,
-            Json(json!({"error": code, "message": self.to_string()})),
-        )
-            .into_response();
+        let mut body = json!({"error": code, "message": self.to_string()});
+        if let ApiError::BadItem { index, .. } = &self {
+            body["index"] = (*index).into();
+        }
+        let mut response = (status, Json(body)).into_response();
         match self {
             ApiError::Unauthorized { bearer: true, .. } => {
                 response

@@ -6,6 +6,7 @@
 //! passes the rest to the API [`router`].
 
 mod authorize;
+mod batch;
 mod client_bundle;
 mod error;
 pub mod notify;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub limiters: Limiters,
     pub max_body_bytes: usize,
+    pub max_batch: usize,
+    pub max_batch_bytes: usize,
     /// Deepest nesting accepted in a notification's `msg`.
     pub max_json_depth: usize,
     /// Cancelled when shutdown starts, so `/readyz` turns 503 and the load
@@ -64,6 +67,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/authorize", get(authorize::authorize))
         .route("/notify", post(notify::notify))
+        .route("/notify/batch", post(batch::batch))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -98,40 +98,17 @@ async fn accept(
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let bytes = read_body(state, headers, body).await?;
+    let bytes = read_body(state, headers, body, state.max_body_bytes).await?;
 
     // A key in the header is checked before the body is even parsed.
-    let header_key = headers
-        .get("x-api-key")
-        .map(|v| v.to_str().unwrap_or_default());
-    let header_key = header_key.map(|key| check_key(state, key)).transpose()?;
+    let header_key = header_key(state, headers)?;
     let body = parse_body(&bytes)?;
-    let key = match header_key {
-        Some(key) => key,
-        None => match &body.api_key {
-            Some(Value::String(key)) => check_key(state, key)?,
-            _ => {
-                return Err(unauthorized(
-                    "missing API key (X-API-Key header or API_KEY field)",
-                ));
-            }
-        },
-    };
+    let key = api_key(state, header_key, &body.api_key)?;
     state.limiters.check_notify_key(key)?;
     let (target, msg) = body.validate()?;
-    if nested_deeper_than(msg.get(), state.max_json_depth) {
-        state.limiters.refused("json_depth");
-        return Err(ApiError::BadRequest(format!(
-            "msg is nested deeper than {} levels",
-            state.max_json_depth
-        )));
-    }
+    check_depth(state, &msg).map_err(ApiError::BadRequest)?;
 
-    let idempotency_key = headers
-        .get("idempotency-key")
-        .map(|v| IdempotencyKey::parse(v.as_bytes()))
-        .transpose()
-        .map_err(ApiError::BadRequest)?;
+    let idempotency_key = idempotency_key(headers)?;
     let Some(key) = idempotency_key else {
         return Ok((publish(state, target, msg).await?, false));
     };
@@ -159,6 +136,50 @@ async fn accept(
     }
 }
 
+/// The `X-API-Key` header's key number, checked; `None` without one.
+pub(super) fn header_key(state: &AppState, headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
+    headers
+        .get("x-api-key")
+        .map(|v| check_key(state, v.to_str().unwrap_or_default()))
+        .transpose()
+}
+
+/// The call's key number: the header's, else the body's `API_KEY`.
+pub(super) fn api_key(
+    state: &AppState,
+    header_key: Option<usize>,
+    body_key: &Option<Value>,
+) -> Result<usize, ApiError> {
+    match (header_key, body_key) {
+        (Some(key), _) => Ok(key),
+        (None, Some(Value::String(key))) => check_key(state, key),
+        _ => Err(unauthorized(
+            "missing API key (X-API-Key header or API_KEY field)",
+        )),
+    }
+}
+
+/// Refuses a `msg` nested deeper than `CHANNELS_MAX_JSON_DEPTH`.
+pub(super) fn check_depth(state: &AppState, msg: &RawValue) -> Result<(), String> {
+    if nested_deeper_than(msg.get(), state.max_json_depth) {
+        state.limiters.refused("json_depth");
+        return Err(format!(
+            "msg is nested deeper than {} levels",
+            state.max_json_depth
+        ));
+    }
+    Ok(())
+}
+
+/// The `Idempotency-Key` header, checked; `None` without one.
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|v| IdempotencyKey::parse(v.as_bytes()))
+        .transpose()
+        .map_err(ApiError::BadRequest)
+}
+
 /// Publishes a validated call; its answer.
 async fn publish(state: &AppState, target: Target, msg: Box<RawValue>) -> Result<Answer, ApiError> {
     let notification = Notification::new(target, msg);
@@ -177,12 +198,12 @@ async fn publish(state: &AppState, target: Target, msg: Box<RawValue>) -> Result
 
 /// The body, up to `CHANNELS_MAX_BODY_BYTES`: refused from its declared
 /// length when it has one, and cut off while streaming when it lies.
-async fn read_body(
+pub(super) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    limit: usize,
 ) -> Result<bytes::Bytes, ApiError> {
-    let limit = state.max_body_bytes;
     let too_large = || {
         state.limiters.refused("body_size");
         ApiError::PayloadTooLarge { limit }
@@ -248,7 +269,7 @@ impl NotifyBody {
 }
 
 /// `application/json`, with or without parameters such as `charset`.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -257,14 +278,14 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// The accepted key's number, for its rate limit.
-fn check_key(state: &AppState, key: &str) -> Result<usize, ApiError> {
+pub(super) fn check_key(state: &AppState, key: &str) -> Result<usize, ApiError> {
     state
         .api_keys
         .find(key)
         .ok_or_else(|| unauthorized("unknown API key"))
 }
 
-fn unauthorized(message: &str) -> ApiError {
+pub(super) fn unauthorized(message: &str) -> ApiError {
     ApiError::Unauthorized {
         message: message.into(),
         bearer: false,

@@ -37,6 +37,17 @@ impl Connection {
         }
     }
 
+    /// Runs a pipeline: its commands go out in order, in one write.
+    pub async fn pipeline(
+        &mut self,
+        pipeline: &redis::Pipeline,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => pipeline.query_async(c).await,
+            Connection::Cluster(c) => pipeline.query_async(c).await,
+        }
+    }
+
     /// Runs a script (EVALSHA, loading it on NOSCRIPT).
     pub async fn invoke<T: redis::FromRedisValue>(
         &mut self,

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use self::{
     connection::{Connection, Connector},
     history::{Keys, RECOVER_SCRIPT, RecoverReply, decode_recover, ended_value},
-    publisher::{Job, Publisher},
+    publisher::{Job, Publish, Publisher},
     subscriber::{Request, Subscriber},
     topics::Topics,
 };
@@ -220,6 +220,44 @@ impl RedisBus {
         if !self.is_ready() {
             return Err(BusError::Unavailable);
         }
+        let (done, outcome) = oneshot::channel();
+        let item = self.item(notification);
+        if self.jobs.send(Job::Publish { item, done }).await.is_err() {
+            return Err(BusError::Unavailable);
+        }
+        outcome.await.unwrap_or(Err(BusError::Unavailable))
+    }
+
+    /// Publishes notifications in order, in one pipeline: the
+    /// [`Publisher`] would not keep separate jobs in order.
+    pub async fn publish_many(
+        &self,
+        notifications: Vec<Notification>,
+    ) -> Vec<Result<(), BusError>> {
+        let failed = |n: usize| (0..n).map(|_| Err(BusError::Unavailable)).collect();
+        if !self.is_ready() {
+            return failed(notifications.len());
+        }
+        let count = notifications.len();
+        let items = notifications
+            .into_iter()
+            .map(|notification| self.item(notification))
+            .collect();
+        let (done, outcomes) = oneshot::channel();
+        if self
+            .jobs
+            .send(Job::PublishMany { items, done })
+            .await
+            .is_err()
+        {
+            return failed(count);
+        }
+        outcomes.await.unwrap_or_else(|_| failed(count))
+    }
+
+    /// What the [`Publisher`] sends for a notification: its topic, its
+    /// history stream (recovery on) and its JSON.
+    fn item(&self, notification: Notification) -> Publish {
         let prefix = &self.shared.prefix;
         let topic = match &notification.target {
             Target::Channel { channel } => channel_topic(prefix, channel),
@@ -232,17 +270,11 @@ impl RedisBus {
             .recovery
             .map(|_| Keys(prefix).stream(&StreamKey::of(&notification.target)));
         let payload = serde_json::to_vec(&notification).expect("a Notification serialises");
-        let (done, outcome) = oneshot::channel();
-        let job = Job::Publish {
+        Publish {
             topic,
             stream,
             payload,
-            done,
-        };
-        if self.jobs.send(job).await.is_err() {
-            return Err(BusError::Unavailable);
         }
-        outcome.await.unwrap_or(Err(BusError::Unavailable))
     }
 
     /// The highest offset this node has seen.

@@ -33,14 +33,26 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 pub enum Job {
     /// A notification, and where its outcome goes.
     Publish {
-        topic: String,
-        /// Its history stream; `None` when recovery is off.
-        stream: Option<String>,
-        payload: Vec<u8>,
+        item: Publish,
         done: oneshot::Sender<Result<(), BusError>>,
+    },
+    /// Notifications that must go out in this order (a batch): one
+    /// pipeline, so neither the connection nor this task reorders them.
+    /// One outcome per item.
+    PublishMany {
+        items: Vec<Publish>,
+        done: oneshot::Sender<Vec<Result<(), BusError>>>,
     },
     /// A write nobody waits for (a session's end).
     Write(redis::Cmd),
+}
+
+/// One notification to publish.
+pub struct Publish {
+    pub topic: String,
+    /// Its history stream; `None` when recovery is off.
+    pub stream: Option<String>,
+    pub payload: Vec<u8>,
 }
 
 pub struct Publisher;
@@ -96,16 +108,30 @@ impl Publisher {
     /// [`super::subscriber::Subscriber`] when the connection itself is gone.
     async fn send(shared: &Shared, connection: Option<Connection>, generation: u64, job: Job) {
         let Some(mut connection) = connection else {
-            if let Job::Publish { done, .. } = job {
-                let _ = done.send(Err(BusError::Unavailable));
+            match job {
+                Job::Publish { done, .. } => {
+                    let _ = done.send(Err(BusError::Unavailable));
+                }
+                Job::PublishMany { items, done } => {
+                    let _ = done.send(items.iter().map(|_| Err(BusError::Unavailable)).collect());
+                }
+                Job::Write(_) => {}
             }
             return;
         };
+        if let Job::PublishMany { items, done } = job {
+            let outcomes = Self::publish_many(shared, &mut connection, generation, &items).await;
+            let _ = done.send(outcomes);
+            return;
+        }
         let (result, done) = match job {
             Job::Publish {
-                topic,
-                stream: Some(stream),
-                payload,
+                item:
+                    Publish {
+                        topic,
+                        stream: Some(stream),
+                        payload,
+                    },
                 done,
             } => {
                 let retention = shared
@@ -127,9 +153,12 @@ impl Publisher {
                 (result, Some(done))
             }
             Job::Publish {
-                topic,
-                stream: None,
-                mut payload,
+                item:
+                    Publish {
+                        topic,
+                        stream: None,
+                        mut payload,
+                    },
                 done,
             } => {
                 // Recovery off: no sequence, every message at offset 0.
@@ -142,6 +171,7 @@ impl Publisher {
                 )
             }
             Job::Write(command) => (connection.query::<()>(&command).await, None),
+            Job::PublishMany { .. } => unreachable!("sent above"),
         };
         let outcome = result.map_err(|e| {
             shared.metrics.handles().bus_publish_errors.inc();
@@ -153,6 +183,85 @@ impl Publisher {
         });
         if let Some(done) = done {
             let _ = done.send(outcome);
+        }
+    }
+}
+
+impl Publisher {
+    /// One pipeline for the items, in order: the publish script loaded
+    /// first (a pipeline does not load it on `NOSCRIPT`), then one call per
+    /// item. Each item's outcome; all fail when the connection does.
+    async fn publish_many(
+        shared: &Shared,
+        connection: &mut Connection,
+        generation: u64,
+        items: &[Publish],
+    ) -> Vec<Result<(), BusError>> {
+        let retention = shared
+            .recovery
+            .map_or(0, |r| r.retention.as_millis() as u64);
+        let max = shared.recovery.map_or(0, |r| r.max_missed);
+        let publish = connection.publish_command();
+        let sequence = Keys(&shared.prefix).sequence();
+        let mut pipeline = redis::pipe();
+        pipeline.ignore_errors();
+        let scripted = items.iter().any(|item| item.stream.is_some());
+        if scripted {
+            pipeline.load_script(&PUBLISH_SCRIPT);
+        }
+        let mut invocations = Vec::new();
+        for item in items {
+            if let Some(stream) = &item.stream {
+                let mut invocation = PUBLISH_SCRIPT.prepare_invoke();
+                invocation
+                    .key(&sequence)
+                    .key(stream)
+                    .arg(&item.topic)
+                    .arg(&item.payload)
+                    .arg(max)
+                    .arg(retention)
+                    .arg(publish);
+                invocations.push(invocation);
+            }
+        }
+        let mut scripts = invocations.iter();
+        for item in items {
+            match &item.stream {
+                Some(_) => {
+                    pipeline.invoke_script(scripts.next().expect("one per scripted item"));
+                }
+                None => {
+                    let mut payload = b"0 ".to_vec();
+                    payload.extend_from_slice(&item.payload);
+                    pipeline.cmd(publish).arg(&item.topic).arg(payload);
+                }
+            }
+        }
+        match connection.pipeline(&pipeline).await {
+            Ok(replies) => replies
+                .into_iter()
+                .skip(usize::from(scripted))
+                .map(|reply| match reply {
+                    redis::Value::ServerError(e) => {
+                        shared.metrics.handles().bus_publish_errors.inc();
+                        tracing::warn!(error = ?e, "a batch item's publish failed");
+                        Err(BusError::Unavailable)
+                    }
+                    redis::Value::Int(offset) => {
+                        shared.position.fetch_max(offset as u64, Ordering::AcqRel);
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                })
+                .collect(),
+            Err(e) => {
+                shared.metrics.handles().bus_publish_errors.inc();
+                tracing::warn!(error = %e, "batch write to Redis failed");
+                if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() {
+                    let _ = shared.lost.send(generation);
+                }
+                items.iter().map(|_| Err(BusError::Unavailable)).collect()
+            }
         }
     }
 }
