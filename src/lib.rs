@@ -81,11 +81,13 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         .map_err(StartError::Auth)?;
 
     let node = NodeId::random();
+    let closing = gateway::Closing::default();
     let delivery = Arc::new(Delivery::new(
         registry.clone(),
         metrics.clone(),
         &config,
         config.recovery.enabled(),
+        closing.clone(),
     ));
     let stop_bus = CancellationToken::new();
     let (bus, mut tasks) = Bus::start(&config, node, delivery, metrics.clone(), stop_bus.clone())
@@ -114,6 +116,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
             .recovery
             .enabled()
             .then(|| Arc::new(RecoveryState::new(&config, node))),
+        closing,
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
     let app = http::app(socket_io, &config, limiters.clone());

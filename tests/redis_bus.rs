@@ -69,10 +69,12 @@ async fn a_node_subscribes_only_to_what_its_sockets_need() {
     let mut socket = a.socket("alice", "admin").await;
     assert_eq!(redis.numsub("channels:c:admin"), 1);
     assert_eq!(redis.numsub("channels:u:alice"), 1);
-    // Besides the targets, every node holds the recovery take-over topic.
+    // Besides the targets, every node holds three topics for its life: the
+    // recovery take-over, requests between nodes, and its own replies.
     assert_eq!(redis.numsub("channels:takeover"), 2);
-    assert_eq!(a.metric("channels_bus_subscriptions").await, 3.0);
-    assert_eq!(b.metric("channels_bus_subscriptions").await, 1.0);
+    assert_eq!(redis.numsub("channels:requests"), 2);
+    assert_eq!(a.metric("channels_bus_subscriptions").await, 5.0);
+    assert_eq!(b.metric("channels_bus_subscriptions").await, 3.0);
 
     for n in 0..10 {
         assert_eq!(
@@ -95,7 +97,7 @@ async fn a_node_subscribes_only_to_what_its_sockets_need() {
     })
     .await;
     assert!(gone, "still subscribed after the last socket left");
-    assert_eq!(a.metric("channels_bus_subscriptions").await, 1.0);
+    assert_eq!(a.metric("channels_bus_subscriptions").await, 3.0);
 }
 
 #[tokio::test]

@@ -41,6 +41,8 @@ pub struct LocalBus {
     shared: Arc<Shared>,
     /// The node's `Idempotency-Key` claims.
     idempotency: Arc<LocalStore>,
+    /// This node's sockets, for requests (`POST /disconnect`).
+    sink: Arc<dyn Deliver>,
 }
 
 struct Shared {
@@ -71,6 +73,7 @@ impl LocalBus {
             max_missed: config.recovery.max_missed,
         });
         let dispatcher = shared.clone();
+        let requests = sink.clone();
         let task = tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
             loop {
@@ -97,9 +100,14 @@ impl LocalBus {
                 tx,
                 shared,
                 idempotency,
+                sink: requests,
             },
             task,
         )
+    }
+
+    pub fn sink(&self) -> &dyn Deliver {
+        &*self.sink
     }
 
     pub fn idempotency(&self) -> &LocalStore {

@@ -41,6 +41,18 @@ pub trait Deliver: Send + Sync + 'static {
     /// `session`, whose client has come back there. Their disconnect
     /// records the session's end.
     fn take_over(&self, user: &KeycloakId, session: u128);
+
+    /// `POST /disconnect`, on this node: closes the sockets of `user` (in
+    /// `channel` only, when given) for good; how many.
+    fn disconnect(&self, user: &KeycloakId, channel: Option<&Channel>) -> usize;
+}
+
+/// What every node answered to a request: the sum of their counts, and
+/// whether every node answered in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gathered {
+    pub count: usize,
+    pub complete: bool,
 }
 
 /// Why a publish failed. Nothing was delivered anywhere, so the caller may
@@ -108,6 +120,23 @@ impl Bus {
                 outcomes
             }
             Bus::Redis(bus) => bus.publish_many(notifications).await,
+        }
+    }
+
+    /// `POST /disconnect`: closes the sockets of `user` (in `channel` only,
+    /// when given) on every node, and counts them; `complete` is false when
+    /// a node did not answer within [`redis::ASK_TIMEOUT`].
+    pub async fn disconnect(
+        &self,
+        user: &KeycloakId,
+        channel: Option<&Channel>,
+    ) -> Result<Gathered, BusError> {
+        match self {
+            Bus::Local(bus) => Ok(Gathered {
+                count: bus.sink().disconnect(user, channel),
+                complete: true,
+            }),
+            Bus::Redis(bus) => bus.disconnect(user, channel).await,
         }
     }
 

@@ -309,10 +309,12 @@ impl Member {
             self.gateway
                 .bus
                 .unsubscribe_socket(&self.user, &self.channel);
+            let ended = match self.gateway.closing.remove(&socket.id) {
+                Some(_) => Ended::Closed,
+                None => Ended::At(recovery::now_ms()),
+            };
             if let Some(session) = &self.session {
-                self.gateway
-                    .bus
-                    .end_session(session, Ended::At(recovery::now_ms()));
+                self.gateway.bus.end_session(session, ended);
             }
         }
     }

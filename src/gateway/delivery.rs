@@ -15,12 +15,12 @@ use std::{sync::Arc, time::Duration};
 use dashmap::DashSet;
 use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
 
-use super::{Recipient, SocketRegistry};
+use super::{Closing, Recipient, SocketRegistry};
 use crate::{
     bus::Deliver,
     config::Config,
     metrics::Metrics,
-    notification::{KeycloakId, Notification, now_us},
+    notification::{Channel, KeycloakId, Notification, Target, now_us},
     recovery::Offset,
 };
 
@@ -40,6 +40,7 @@ pub struct Delivery {
     /// Whether events carry their offset (recovery on): socket.io's client
     /// takes a trailing string argument as the stream position.
     offsets: bool,
+    closing: Closing,
 }
 
 impl Delivery {
@@ -48,6 +49,7 @@ impl Delivery {
         metrics: Metrics,
         config: &Config,
         offsets: bool,
+        closing: Closing,
     ) -> Self {
         let evict_give_up = config.ping_interval + config.ping_timeout + Duration::from_secs(5);
         Self {
@@ -56,6 +58,7 @@ impl Delivery {
             evict_give_up,
             evicting: Arc::default(),
             offsets,
+            closing,
         }
     }
 }
@@ -63,6 +66,37 @@ impl Delivery {
 impl Deliver for Delivery {
     fn take_over(&self, user: &KeycloakId, session: u128) {
         super::take_over(&self.registry, user, session, None);
+    }
+
+    fn disconnect(&self, user: &KeycloakId, channel: Option<&Channel>) -> usize {
+        let target = match channel {
+            Some(channel) => Target::UserChannel {
+                keycloak: user.clone(),
+                channel: channel.clone(),
+            },
+            None => Target::User {
+                keycloak: user.clone(),
+            },
+        };
+        let mut sockets = Vec::new();
+        self.registry.lookup(&target, &mut sockets);
+        let mut closed = 0;
+        for Recipient { socket, .. } in sockets {
+            self.closing.insert(socket.id);
+            // The client sees "io server disconnect" and does not reconnect.
+            match socket.clone().disconnect() {
+                Ok(()) => closed += 1,
+                Err(SocketError::InternalChannelFull) => {
+                    // A slow client: its queue cannot take the DISCONNECT.
+                    tokio::spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
+                    closed += 1;
+                }
+                Err(_) => {
+                    self.closing.remove(&socket.id);
+                }
+            }
+        }
+        closed
     }
 
     fn deliver(&self, offset: Offset, notification: &Notification) {

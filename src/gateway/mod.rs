@@ -77,6 +77,12 @@ fn take_over(
     found
 }
 
+/// Sockets being closed by `POST /disconnect`: their disconnect handler
+/// records their session as closed for good (not recoverable), where any
+/// other way out records when it ended. Each sid is in it only between
+/// [`Delivery`]'s disconnect and that handler.
+pub type Closing = Arc<dashmap::DashSet<Sid>>;
+
 /// What the socket.io handlers share, given to socketioxide as its state.
 #[derive(Clone)]
 pub struct Gateway {
@@ -91,6 +97,7 @@ pub struct Gateway {
     /// Behind an `Arc`: every socket's disconnect handler holds a clone of
     /// the gateway, and the pid key alone is 192 bytes.
     pub recovery: Option<Arc<RecoveryState>>,
+    pub closing: Closing,
 }
 
 /// What the connect path needs to give and recover sessions.

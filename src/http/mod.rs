@@ -8,6 +8,7 @@
 mod authorize;
 mod batch;
 mod client_bundle;
+mod disconnect;
 mod error;
 pub mod notify;
 mod ops;
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/authorize", get(authorize::authorize))
         .route("/notify", post(notify::notify))
         .route("/notify/batch", post(batch::batch))
+        .route("/disconnect", post(disconnect::disconnect))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

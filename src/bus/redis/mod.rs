@@ -23,6 +23,7 @@ mod connection;
 mod history;
 mod idempotency;
 mod publisher;
+mod requests;
 mod subscriber;
 mod topics;
 
@@ -128,6 +129,9 @@ struct Shared {
     position: AtomicU64,
     /// Lost connections, by generation, for the [`Subscriber`].
     lost: mpsc::UnboundedSender<u64>,
+    /// This node's requests waiting for answers, by id ([`requests`]).
+    asking: dashmap::DashMap<u64, mpsc::UnboundedSender<usize>>,
+    next_request: AtomicU64,
     metrics: Metrics,
 }
 
@@ -178,9 +182,19 @@ impl RedisBus {
             generation: AtomicU64::new(0),
             position: AtomicU64::new(0),
             lost: lost_tx,
+            asking: dashmap::DashMap::new(),
+            next_request: AtomicU64::new(0),
             metrics,
         });
         let mut topics = Topics::default();
+        // Held for the node's life: one "socket" that never leaves.
+        topics.add(
+            [
+                requests::requests_topic(&shared.prefix),
+                requests::replies_topic(&shared.prefix, node.0),
+            ],
+            &mut Vec::new(),
+        );
         if recovery.is_some() {
             // Held for the node's life: one "socket" that never leaves.
             topics.add([takeover_topic(&shared.prefix)], &mut Vec::new());

@@ -31,6 +31,7 @@ use super::{
     history::split_message,
     parse_takeover,
     publisher::beat,
+    requests::{handle_reply, handle_request, replies_topic, requests_topic},
     takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
@@ -216,6 +217,8 @@ impl Subscriber {
         let sink = self.sink.clone();
         let shared = self.shared.clone();
         let takeover = takeover_topic(&shared.prefix);
+        let requests = requests_topic(&shared.prefix);
+        let replies = replies_topic(&shared.prefix, shared.node.0);
         Box::new(move |push: PushInfo| {
             match push.kind {
                 PushKind::Message | PushKind::SMessage => match push.data.as_slice() {
@@ -229,6 +232,16 @@ impl Subscriber {
                             Some(_) => {}
                             None => tracing::warn!("unreadable take-over dropped"),
                         }
+                    }
+                    [Value::BulkString(topic), Value::BulkString(payload)]
+                        if *topic == requests.as_bytes() =>
+                    {
+                        handle_request(&shared, &*sink, payload)
+                    }
+                    [Value::BulkString(topic), Value::BulkString(payload)]
+                        if *topic == replies.as_bytes() =>
+                    {
+                        handle_reply(&shared, payload)
                     }
                     [_, Value::BulkString(payload)] => {
                         let parsed = split_message(payload).and_then(|(offset, json)| {

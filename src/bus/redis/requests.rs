@@ -1,0 +1,159 @@
+//! Requests from one node to every node, and their answers, over the bus:
+//! what `POST /disconnect` needs (a count from every node, and whether every
+//! node answered).
+//!
+//! * Every node subscribes, for its life, to `{prefix}:requests` and to its
+//!   own `{prefix}:replies:<node>`.
+//! * The asking node publishes `{"id", "from", "disconnect": {...}}` to the
+//!   requests topic. Redis answers the publish with how many subscribers
+//!   received it: one per live node (the asking node included), so that
+//!   is how many answers to wait for, with no registry of nodes.
+//! * Each node handles the request on its own sockets and publishes
+//!   `"<id> <count>"` to the asker's replies topic.
+//! * The asker sums what arrives within [`ASK_TIMEOUT`]; a node that is
+//!   stopped or slow makes the answer incomplete, not late.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{RedisBus, Shared};
+use crate::{
+    bus::{BusError, Deliver, Gathered},
+    notification::{Channel, KeycloakId},
+};
+
+/// How long a request waits for every node's answer.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The topic every node takes requests on.
+pub fn requests_topic(prefix: &str) -> String {
+    format!("{prefix}:requests")
+}
+
+/// The topic a node takes the answers to its requests on.
+pub fn replies_topic(prefix: &str, node: u64) -> String {
+    format!("{prefix}:replies:{node:016x}")
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Request {
+    id: u64,
+    /// The asking node, whose replies topic gets the answer.
+    from: u64,
+    disconnect: Disconnect,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Disconnect {
+    keycloak: KeycloakId,
+    channel: Option<Channel>,
+}
+
+impl RedisBus {
+    /// `POST /disconnect` on every node.
+    pub async fn disconnect(
+        &self,
+        user: &KeycloakId,
+        channel: Option<&Channel>,
+    ) -> Result<Gathered, BusError> {
+        self.ask(Disconnect {
+            keycloak: user.clone(),
+            channel: channel.cloned(),
+        })
+        .await
+    }
+
+    async fn ask(&self, disconnect: Disconnect) -> Result<Gathered, BusError> {
+        if !self.is_ready() {
+            return Err(BusError::Unavailable);
+        }
+        let (Some(mut connection), _) = self.shared.connection() else {
+            return Err(BusError::Unavailable);
+        };
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (answers, mut answered) = mpsc::unbounded_channel();
+        self.shared.asking.insert(id, answers);
+        let request = Request {
+            id,
+            from: self.shared.node.0,
+            disconnect,
+        };
+        let mut command = redis::cmd(connection.publish_command());
+        command
+            .arg(requests_topic(&self.shared.prefix))
+            .arg(serde_json::to_vec(&request).expect("a Request serialises"));
+        let published = connection.query::<i64>(&command).await;
+        let outcome = match published {
+            Err(e) => {
+                tracing::warn!(error = %e, "request to the nodes failed");
+                Err(BusError::Unavailable)
+            }
+            Ok(nodes) => {
+                let nodes = nodes.max(0) as usize;
+                let mut gathered = Gathered {
+                    count: 0,
+                    complete: false,
+                };
+                let mut heard = 0;
+                let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
+                while heard < nodes {
+                    match tokio::time::timeout_at(deadline, answered.recv()).await {
+                        Ok(Some(count)) => {
+                            gathered.count += count;
+                            heard += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                gathered.complete = heard == nodes;
+                Ok(gathered)
+            }
+        };
+        self.shared.asking.remove(&id);
+        outcome
+    }
+}
+
+/// A request from another node (or this one): handled on this node's
+/// sockets, answered on the asker's replies topic (without waiting).
+pub fn handle_request(shared: &Arc<Shared>, sink: &dyn Deliver, payload: &[u8]) {
+    let Ok(request) = serde_json::from_slice::<Request>(payload) else {
+        tracing::warn!("unreadable request dropped");
+        return;
+    };
+    let Disconnect { keycloak, channel } = &request.disconnect;
+    let count = sink.disconnect(keycloak, channel.as_ref());
+    let Some(mut connection) = shared.connection().0 else {
+        return;
+    };
+    let mut command = redis::cmd(connection.publish_command());
+    command
+        .arg(replies_topic(&shared.prefix, request.from))
+        .arg(format!("{} {count}", request.id));
+    tokio::spawn(async move {
+        if let Err(e) = connection.query::<i64>(&command).await {
+            tracing::warn!(error = %e, "answer to a request not sent");
+        }
+    });
+}
+
+/// An answer to one of this node's requests.
+pub fn handle_reply(shared: &Shared, payload: &[u8]) {
+    let parsed = std::str::from_utf8(payload).ok().and_then(|text| {
+        let (id, count) = text.split_once(' ')?;
+        Some((id.parse::<u64>().ok()?, count.parse::<usize>().ok()?))
+    });
+    match parsed {
+        Some((id, count)) => {
+            if let Some(waiting) = shared.asking.get(&id) {
+                let _ = waiting.send(count);
+            }
+        }
+        None => tracing::warn!("unreadable reply dropped"),
+    }
+}

@@ -1,0 +1,95 @@
+//! `POST /disconnect`: closes a user's sockets on every node (SPEC.md).
+//!
+//! Each closed socket gets a server-side disconnect (the client sees `io
+//! server disconnect` and does not reconnect on its own), and its session
+//! is recorded as closed, so it cannot be recovered. The answer counts the
+//! sockets closed across the cluster, gathered over the bus
+//! (`bus::redis::requests`); `complete` is false when a node did not answer
+//! within a second.
+
+use std::sync::Arc;
+
+use axum::{Extension, Json, body::Body, extract::State, http::HeaderMap};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    AppState, ClientAddr,
+    error::ApiError,
+    notify::{api_key, header_key, is_json, read_body},
+};
+use crate::notification::{Channel, KeycloakId};
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    #[serde(rename = "API_KEY", default)]
+    api_key: Option<Value>,
+    #[serde(default)]
+    keycloak: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    channel: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    revoke: Option<Value>,
+}
+
+/// A field that is present, even as `null`, which is refused rather than
+/// read as absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+pub async fn disconnect(
+    State(state): State<Arc<AppState>>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    state.limiters.check_notify_address(client)?;
+    if !is_json(&headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = read_body(&state, &headers, body, state.max_body_bytes).await?;
+    let header_key = header_key(&state, &headers)?;
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    }
+    let body: DisconnectBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid: {e}")))?;
+    let key = api_key(&state, header_key, &body.api_key)?;
+    state.limiters.check_notify_key(key)?;
+    let user = match &body.keycloak {
+        Some(Value::String(user)) => {
+            KeycloakId::parse(user).map_err(|e| ApiError::BadRequest(format!("keycloak: {e}")))?
+        }
+        _ => return Err(ApiError::BadRequest("keycloak must be a string".into())),
+    };
+    let channel = match &body.channel {
+        None => None,
+        Some(Value::String(channel)) => Some(
+            Channel::parse(channel).map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?,
+        ),
+        Some(_) => return Err(ApiError::BadRequest("channel must be a string".into())),
+    };
+    match &body.revoke {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err(ApiError::BadRequest(
+                "revoke is not available yet: the sockets are not closed".into(),
+            ));
+        }
+        Some(_) => return Err(ApiError::BadRequest("revoke must be a boolean".into())),
+    }
+    let gathered = state
+        .bus
+        .disconnect(&user, channel.as_ref())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    tracing::info!(
+        disconnected = gathered.count,
+        complete = gathered.complete,
+        "sockets disconnected"
+    );
+    Ok(Json(
+        json!({"disconnected": gathered.count, "complete": gathered.complete}),
+    ))
+}
