@@ -88,6 +88,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         &config,
         config.recovery.enabled(),
         closing.clone(),
+        ws_tokens.clone(),
     ));
     let stop_bus = CancellationToken::new();
     let (bus, mut tasks) = Bus::start(&config, node, delivery, metrics.clone(), stop_bus.clone())

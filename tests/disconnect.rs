@@ -78,7 +78,6 @@ async fn bad_input_is_refused_and_closes_nothing() {
         json!({"keycloak": "alice", "channel": "bad channel"}),
         json!({"keycloak": "alice", "channel": 1}),
         json!({"keycloak": "alice", "revoke": "yes"}),
-        json!({"keycloak": "alice", "revoke": true}),
         json!({"keycloak": "alice", "revoke": null}),
         json!({"keycloak": "alice", "channel": null}),
         json!(["alice"]),
@@ -112,6 +111,40 @@ async fn sockets_on_every_node_are_counted() {
     assert!(on_a.closed_within(WAIT).await);
     assert!(on_b.closed_within(WAIT).await);
     assert!(!other.closed_within(QUIET).await);
+}
+
+#[tokio::test]
+async fn revoke_refuses_older_ws_tokens_on_every_node() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis).await;
+    let b = redis_node(&redis).await;
+    let old = ws_token("alice");
+    let auth = |token: &str| json!({"token": token, "keycloakID": "alice", "channel": "admin"});
+    let mut live = SioClient::connect(a.addr, auth(&old)).await.unwrap();
+    let bobs = ws_token("bob");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        disconnect(
+            &b.addr.to_string(),
+            json!({"keycloak": "alice", "revoke": true})
+        )
+        .await,
+        (200, json!({"disconnected": 1, "complete": true}))
+    );
+    assert!(live.closed_within(WAIT).await);
+    for node in [&a, &b] {
+        assert!(SioClient::connect(node.addr, auth(&old)).await.is_err());
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let new = ws_token("alice");
+    for node in [&a, &b] {
+        assert!(SioClient::connect(node.addr, auth(&new)).await.is_ok());
+    }
+    let bob = json!({"token": bobs, "keycloakID": "bob", "channel": "admin"});
+    assert!(
+        SioClient::connect(a.addr, bob).await.is_ok(),
+        "only alice's tokens"
+    );
 }
 
 #[tokio::test]

@@ -51,6 +51,8 @@ pub enum TokenError {
     Signature,
     #[error("token has expired")]
     Expired,
+    #[error("token was revoked")]
+    Revoked,
     #[error("token is not valid yet")]
     NotYetValid,
     #[error("token issuer is not accepted")]
@@ -94,4 +96,8 @@ pub struct Claims {
     /// here only where an expired ws token may still recover a session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
+    /// When a ws token was minted, in milliseconds since the epoch (ours
+    /// only): `POST /disconnect` with `revoke` refuses those minted before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat_ms: Option<u64>,
 }

@@ -30,6 +30,9 @@ struct Inner {
     /// `validation` without the expiry check, for [`WsTokens::verify_signed`].
     signed_only: Validation,
     ttl: Duration,
+    /// Users whose tokens minted at or before a time (ms) are refused, until
+    /// such tokens have expired (see [`WsTokens::revoke`]).
+    revoked: dashmap::DashMap<String, u64>,
 }
 
 /// A ws token whose signature, issuer and audience hold, and whether it
@@ -47,6 +50,7 @@ struct WsClaims<'a> {
     aud: &'static str,
     iss: &'static str,
     iat: u64,
+    iat_ms: u64,
     exp: u64,
 }
 
@@ -67,6 +71,7 @@ impl WsTokens {
                 validation,
                 signed_only,
                 ttl,
+                revoked: dashmap::DashMap::new(),
             }),
         }
     }
@@ -78,12 +83,14 @@ impl WsTokens {
 
     /// Mints a ws token for `user`, valid for the configured lifetime.
     pub fn mint(&self, user: &KeycloakId) -> String {
-        let now = jsonwebtoken::get_current_timestamp();
+        let now_ms = crate::recovery::now_ms();
+        let now = now_ms / 1000;
         let claims = WsClaims {
             sub: user.as_str(),
             aud: WS_AUDIENCE,
             iss: WS_ISSUER,
             iat: now,
+            iat_ms: now_ms,
             exp: now + self.inner.ttl.as_secs(),
         };
         jsonwebtoken::encode(
@@ -101,7 +108,32 @@ impl WsTokens {
         }
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)?;
+        self.check_revoked(&data.claims)?;
         Ok(data.claims.sub)
+    }
+
+    /// Refuses, from now on and until they expire, the tokens of `user`
+    /// minted at or before `at_ms` (a token without a mint time is older
+    /// than any). Forgets the revocations whose tokens have all expired, so
+    /// what is kept is bounded by the revocations of one token lifetime.
+    pub fn revoke(&self, user: &KeycloakId, at_ms: u64) {
+        let lifetime_ms = (self.inner.ttl.as_secs() + self.inner.validation.leeway) * 1000;
+        let now = crate::recovery::now_ms();
+        self.inner
+            .revoked
+            .retain(|_, at| at.saturating_add(lifetime_ms) >= now);
+        self.inner
+            .revoked
+            .entry(user.as_str().to_string())
+            .and_modify(|at| *at = (*at).max(at_ms))
+            .or_insert(at_ms);
+    }
+
+    fn check_revoked(&self, claims: &Claims) -> Result<(), TokenError> {
+        match self.inner.revoked.get(&claims.sub) {
+            Some(at) if claims.iat_ms.unwrap_or(0) <= *at => Err(TokenError::Revoked),
+            _ => Ok(()),
+        }
     }
 
     /// Verifies a ws token but its expiry, and says whether it expired:
@@ -113,6 +145,7 @@ impl WsTokens {
         }
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.signed_only)?;
+        self.check_revoked(&data.claims)?;
         let now = jsonwebtoken::get_current_timestamp();
         let exp = data.claims.exp.ok_or(TokenError::Malformed)?;
         Ok(Signed {
@@ -128,6 +161,22 @@ mod tests {
 
     fn tokens(ttl: u64) -> WsTokens {
         WsTokens::new(&Secret::new("a".repeat(40)), Duration::from_secs(ttl))
+    }
+
+    #[test]
+    fn a_revoke_refuses_the_tokens_minted_before_it_only() {
+        let t = tokens(300);
+        let alice = KeycloakId::parse("alice").unwrap();
+        let bob = KeycloakId::parse("bob").unwrap();
+        let old = t.mint(&alice);
+        let bobs = t.mint(&bob);
+        std::thread::sleep(Duration::from_millis(2));
+        t.revoke(&alice, crate::recovery::now_ms());
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(t.verify(&old), Err(TokenError::Revoked));
+        assert_eq!(t.verify_signed(&old), Err(TokenError::Revoked));
+        assert_eq!(t.verify(&t.mint(&alice)).unwrap(), "alice");
+        assert_eq!(t.verify(&bobs).unwrap(), "bob");
     }
 
     #[test]

@@ -42,9 +42,15 @@ pub trait Deliver: Send + Sync + 'static {
     /// records the session's end.
     fn take_over(&self, user: &KeycloakId, session: u128);
 
-    /// `POST /disconnect`, on this node: closes the sockets of `user` (in
-    /// `channel` only, when given) for good; how many.
-    fn disconnect(&self, user: &KeycloakId, channel: Option<&Channel>) -> usize;
+    /// `POST /disconnect`, on this node: first, with `revoke_at`, refuses
+    /// `user`'s ws tokens minted at or before it (ms); then closes the
+    /// sockets of `user` (in `channel` only, when given) for good; how many.
+    fn disconnect(
+        &self,
+        user: &KeycloakId,
+        channel: Option<&Channel>,
+        revoke_at: Option<u64>,
+    ) -> usize;
 }
 
 /// What every node answered to a request: the sum of their counts, and
@@ -130,13 +136,14 @@ impl Bus {
         &self,
         user: &KeycloakId,
         channel: Option<&Channel>,
+        revoke_at: Option<u64>,
     ) -> Result<Gathered, BusError> {
         match self {
             Bus::Local(bus) => Ok(Gathered {
-                count: bus.sink().disconnect(user, channel),
+                count: bus.sink().disconnect(user, channel, revoke_at),
                 complete: true,
             }),
-            Bus::Redis(bus) => bus.disconnect(user, channel).await,
+            Bus::Redis(bus) => bus.disconnect(user, channel, revoke_at).await,
         }
     }
 

@@ -17,6 +17,7 @@ use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
 
 use super::{Closing, Recipient, SocketRegistry};
 use crate::{
+    auth::WsTokens,
     bus::Deliver,
     config::Config,
     metrics::Metrics,
@@ -41,6 +42,8 @@ pub struct Delivery {
     /// takes a trailing string argument as the stream position.
     offsets: bool,
     closing: Closing,
+    /// For `POST /disconnect` with `revoke`.
+    ws_tokens: WsTokens,
 }
 
 impl Delivery {
@@ -50,6 +53,7 @@ impl Delivery {
         config: &Config,
         offsets: bool,
         closing: Closing,
+        ws_tokens: WsTokens,
     ) -> Self {
         let evict_give_up = config.ping_interval + config.ping_timeout + Duration::from_secs(5);
         Self {
@@ -59,6 +63,7 @@ impl Delivery {
             evicting: Arc::default(),
             offsets,
             closing,
+            ws_tokens,
         }
     }
 }
@@ -68,7 +73,15 @@ impl Deliver for Delivery {
         super::take_over(&self.registry, user, session, None);
     }
 
-    fn disconnect(&self, user: &KeycloakId, channel: Option<&Channel>) -> usize {
+    fn disconnect(
+        &self,
+        user: &KeycloakId,
+        channel: Option<&Channel>,
+        revoke_at: Option<u64>,
+    ) -> usize {
+        if let Some(at) = revoke_at {
+            self.ws_tokens.revoke(user, at);
+        }
         let target = match channel {
             Some(channel) => Target::UserChannel {
                 keycloak: user.clone(),

@@ -5,7 +5,9 @@
 //! is recorded as closed, so it cannot be recovered. The answer counts the
 //! sockets closed across the cluster, gathered over the bus
 //! (`bus::redis::requests`); `complete` is false when a node did not answer
-//! within a second.
+//! within a second. With `revoke`, every node first refuses the user's ws
+//! tokens minted before the call (to connect and to recover), until they
+//! expire (`auth::WsTokens::revoke`).
 
 use std::sync::Arc;
 
@@ -70,18 +72,14 @@ pub async fn disconnect(
         ),
         Some(_) => return Err(ApiError::BadRequest("channel must be a string".into())),
     };
-    match &body.revoke {
-        None | Some(Value::Bool(false)) => {}
-        Some(Value::Bool(true)) => {
-            return Err(ApiError::BadRequest(
-                "revoke is not available yet: the sockets are not closed".into(),
-            ));
-        }
+    let revoke_at = match &body.revoke {
+        None | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(crate::recovery::now_ms()),
         Some(_) => return Err(ApiError::BadRequest("revoke must be a boolean".into())),
-    }
+    };
     let gathered = state
         .bus
-        .disconnect(&user, channel.as_ref())
+        .disconnect(&user, channel.as_ref(), revoke_at)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     tracing::info!(

@@ -70,4 +70,33 @@ describe("POST /disconnect", () => {
     a.close();
     b.close();
   });
+
+  test("revoke: tokens minted before it neither connect nor recover, newer ones do", async () => {
+    const old = await wsToken(nodes[0], "noa");
+    // A page with a static auth object, as the AMPER docs show.
+    const socket = io(nodes[0].url, {
+      auth: { token: old, keycloakID: "noa", channel: "admin" },
+      transports: ["websocket"],
+      forceNew: true,
+    });
+    await new Promise((resolve) => socket.once("connect", resolve));
+    await sleep(5);
+    const answer = await disconnect(nodes[1], { keycloak: "noa", revoke: true });
+    assert.deepEqual(answer, { status: 200, body: { disconnected: 1, complete: true } });
+    await sleep(200);
+    // Back with its pid and the old token: refused.
+    socket.connect();
+    const refused = await new Promise((resolve) => socket.once("connect_error", resolve));
+    assert.equal(refused.message, "unauthorized");
+    socket.close();
+    for (const node of nodes) {
+      const again = io(node.url, { auth: { token: old, keycloakID: "noa", channel: "admin" }, reconnection: false, forceNew: true });
+      const error = await new Promise((resolve) => again.once("connect_error", resolve));
+      assert.equal(error.message, "unauthorized");
+      again.close();
+    }
+    const fresh = await open(nodes[1], "noa", "admin");
+    assert.equal(fresh.connected, true);
+    fresh.close();
+  });
 });

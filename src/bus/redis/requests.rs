@@ -52,6 +52,8 @@ pub struct Request {
 struct Disconnect {
     keycloak: KeycloakId,
     channel: Option<Channel>,
+    /// `revoke`: the call's time, in ms.
+    revoke_at: Option<u64>,
 }
 
 impl RedisBus {
@@ -60,10 +62,12 @@ impl RedisBus {
         &self,
         user: &KeycloakId,
         channel: Option<&Channel>,
+        revoke_at: Option<u64>,
     ) -> Result<Gathered, BusError> {
         self.ask(Disconnect {
             keycloak: user.clone(),
             channel: channel.cloned(),
+            revoke_at,
         })
         .await
     }
@@ -126,8 +130,12 @@ pub fn handle_request(shared: &Arc<Shared>, sink: &dyn Deliver, payload: &[u8]) 
         tracing::warn!("unreadable request dropped");
         return;
     };
-    let Disconnect { keycloak, channel } = &request.disconnect;
-    let count = sink.disconnect(keycloak, channel.as_ref());
+    let Disconnect {
+        keycloak,
+        channel,
+        revoke_at,
+    } = &request.disconnect;
+    let count = sink.disconnect(keycloak, channel.as_ref(), *revoke_at);
     let Some(mut connection) = shared.connection().0 else {
         return;
     };
