@@ -138,6 +138,17 @@ pub struct Notification {
     /// When the call was accepted, in microseconds since the Unix epoch (wall
     /// clock, so latency can be measured on another node).
     pub accepted_at_us: u64,
+    /// `?receipt=true`: where each node that writes it reports how many
+    /// sockets it wrote it to. Absent (and not on the wire) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Receipt>,
+}
+
+/// The node that asked for a delivery receipt, and its request's id.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Receipt {
+    pub node: u64,
+    pub id: u64,
 }
 
 impl Notification {
@@ -147,6 +158,7 @@ impl Notification {
             target,
             msg,
             accepted_at_us: now_us(),
+            receipt: None,
         }
     }
 }

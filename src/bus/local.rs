@@ -15,11 +15,14 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BusError, Deliver,
+    BusError, Deliver, Gathered,
     history::{MemoryHistory, Missed, Recovering, merge},
 };
 use crate::{
@@ -37,7 +40,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Publishing half of the in-process bus. Cheap to clone.
 #[derive(Clone)]
 pub struct LocalBus {
-    tx: mpsc::Sender<Notification>,
+    /// Notifications to dispatch, each with where its socket count goes
+    /// when a receipt was asked for.
+    tx: mpsc::Sender<(Notification, Option<oneshot::Sender<usize>>)>,
     shared: Arc<Shared>,
     /// The node's `Idempotency-Key` claims.
     idempotency: Arc<LocalStore>,
@@ -62,7 +67,8 @@ impl LocalBus {
         sink: Arc<dyn Deliver>,
         stop: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<Notification>(QUEUE_CAPACITY);
+        let (tx, mut rx) =
+            mpsc::channel::<(Notification, Option<oneshot::Sender<usize>>)>(QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
             position: AtomicU64::new(0),
             history: config
@@ -78,9 +84,12 @@ impl LocalBus {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
             loop {
                 tokio::select! {
-                    notification = rx.recv() => {
-                        let Some(notification) = notification else { break };
-                        dispatcher.dispatch(notification, &*sink);
+                    next = rx.recv() => {
+                        let Some((notification, receipt)) = next else { break };
+                        let written = dispatcher.dispatch(notification, &*sink);
+                        if let Some(receipt) = receipt {
+                            let _ = receipt.send(written);
+                        }
                     }
                     _ = sweep.tick() => {
                         if let Some(history) = &dispatcher.history {
@@ -116,9 +125,31 @@ impl LocalBus {
 
     pub async fn publish(&self, notification: Notification) -> Result<(), BusError> {
         self.tx
-            .send(notification)
+            .send((notification, None))
             .await
             .map_err(|_| BusError::Unavailable)
+    }
+
+    /// Publishes and waits for the dispatcher to have written it: how many
+    /// sockets got it (`?receipt=true`).
+    pub async fn publish_counted(&self, notification: Notification) -> Result<Gathered, BusError> {
+        let (done, written) = oneshot::channel();
+        self.tx
+            .send((notification, Some(done)))
+            .await
+            .map_err(|_| BusError::Unavailable)?;
+        Ok(
+            match tokio::time::timeout(super::ASK_TIMEOUT, written).await {
+                Ok(Ok(count)) => Gathered {
+                    count,
+                    complete: true,
+                },
+                _ => Gathered {
+                    count: 0,
+                    complete: false,
+                },
+            },
+        )
     }
 
     pub fn is_ready(&self) -> bool {
@@ -158,18 +189,19 @@ impl LocalBus {
 }
 
 impl Shared {
-    fn dispatch(&self, notification: Notification, sink: &dyn Deliver) {
+    /// Numbers, keeps and delivers a notification; how many sockets got it.
+    fn dispatch(&self, notification: Notification, sink: &dyn Deliver) -> usize {
         let offset = self.position.load(Ordering::Relaxed) + 1;
         match &self.history {
             Some(history) => {
                 let notification = Arc::new(notification);
                 history.record(offset, notification.clone());
                 self.position.store(offset, Ordering::Release);
-                sink.deliver(offset, &notification);
+                sink.deliver(offset, &notification)
             }
             None => {
                 self.position.store(offset, Ordering::Release);
-                sink.deliver(offset, &notification);
+                sink.deliver(offset, &notification)
             }
         }
     }

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use local::LocalBus;
-pub use redis::{RedisBus, RedisSettings, UNSUBSCRIBE_DELAY};
+pub use redis::{ASK_TIMEOUT, RedisBus, RedisSettings, UNSUBSCRIBE_DELAY};
 
 use self::history::{Missed, Recovering};
 use crate::{
@@ -35,7 +35,8 @@ use crate::{
 /// Where the bus hands every notification it receives, with its offset.
 /// Implemented by the gateway, which writes to the matching local sockets.
 pub trait Deliver: Send + Sync + 'static {
-    fn deliver(&self, offset: Offset, notification: &Notification);
+    /// Returns how many sockets it was written to.
+    fn deliver(&self, offset: Offset, notification: &Notification) -> usize;
 
     /// Another node asks: close this node's sockets of `user` that carry
     /// `session`, whose client has come back there. Their disconnect
@@ -106,7 +107,20 @@ impl Bus {
     pub async fn publish(&self, notification: Notification) -> Result<(), BusError> {
         match self {
             Bus::Local(bus) => bus.publish(notification).await,
-            Bus::Redis(bus) => bus.publish(notification).await,
+            Bus::Redis(bus) => bus.publish(notification).await.map(drop),
+        }
+    }
+
+    /// Publishes a notification and counts the sockets every node wrote it
+    /// to (`?receipt=true`), waiting at most [`ASK_TIMEOUT`];
+    /// `complete` is false when a node did not report in time.
+    pub async fn publish_with_receipt(
+        &self,
+        notification: Notification,
+    ) -> Result<Gathered, BusError> {
+        match self {
+            Bus::Local(bus) => bus.publish_counted(notification).await,
+            Bus::Redis(bus) => bus.publish_with_receipt(notification).await,
         }
     }
 
@@ -131,7 +145,7 @@ impl Bus {
 
     /// `POST /disconnect`: closes the sockets of `user` (in `channel` only,
     /// when given) on every node, and counts them; `complete` is false when
-    /// a node did not answer within [`redis::ASK_TIMEOUT`].
+    /// a node did not answer within [`ASK_TIMEOUT`].
     pub async fn disconnect(
         &self,
         user: &KeycloakId,

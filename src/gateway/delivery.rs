@@ -112,13 +112,13 @@ impl Deliver for Delivery {
         closed
     }
 
-    fn deliver(&self, offset: Offset, notification: &Notification) {
+    fn deliver(&self, offset: Offset, notification: &Notification) -> usize {
         let handles = self.metrics.handles();
         handles.bus_received.inc();
         let mut recipients = Vec::new();
         self.registry.lookup(&notification.target, &mut recipients);
         if recipients.is_empty() {
-            return;
+            return 0;
         }
         // Encoded once for all the sockets (`&RawValue` serialises as the
         // posted JSON text, verbatim): a channel of 2,000 sockets would
@@ -134,7 +134,7 @@ impl Deliver for Delivery {
             Ok(event) => event,
             Err(e) => {
                 tracing::error!(id = %notification.id, error = %e, "notification not encodable");
-                return;
+                return 0;
             }
         };
         let mut delivered = 0;
@@ -160,6 +160,7 @@ impl Deliver for Delivery {
         handles.deliveries.inc_by(delivered);
         let latency_us = now_us().saturating_sub(notification.accepted_at_us);
         handles.notify_latency.observe(latency_us as f64 / 1e6);
+        delivered as usize
     }
 }
 

@@ -18,7 +18,7 @@ use axum::{
     Extension, Json,
     body::Body,
     extract::State,
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderValue, Uri, header},
     response::{IntoResponse, Response},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -27,6 +27,7 @@ use serde_json::{Value, json, value::RawValue};
 
 use super::{AppState, ClientAddr, error::ApiError};
 use crate::{
+    bus::Gathered,
     idempotency::{self, Answer, Claim, IdempotencyKey},
     limits::nested_deeper_than,
     notification::{Channel, KeycloakId, Notification, Target},
@@ -55,16 +56,17 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
 pub async fn notify(
     State(state): State<Arc<AppState>>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let result = match state.limiters.check_notify_address(client) {
-        Ok(()) => accept(&state, &headers, body).await,
+        Ok(()) => accept(&state, &uri, &headers, body).await,
         Err(refused) => Err(refused.into()),
     };
     let (variant, outcome) = match &result {
-        Ok((answer, false)) => (answer.variant, "accepted"),
-        Ok((answer, true)) => (answer.variant, "replayed"),
+        Ok((answer, false, _)) => (answer.variant, "accepted"),
+        Ok((answer, true, _)) => (answer.variant, "replayed"),
         Err(ApiError::Unavailable(_)) => ("none", "unavailable"),
         Err(_) => ("none", "rejected"),
     };
@@ -77,8 +79,13 @@ pub async fn notify(
     if let Err(e) = &result {
         tracing::info!(error = %e, "notify refused");
     }
-    let (Answer { id, variant }, replayed) = result?;
-    let mut response = Json(json!({"id": id, "variant": variant})).into_response();
+    let (Answer { id, variant }, replayed, receipt) = result?;
+    let mut body = json!({"id": id, "variant": variant});
+    if let Some(Gathered { count, complete }) = receipt {
+        body["sockets"] = count.into();
+        body["complete"] = complete.into();
+    }
+    let mut response = Json(body).into_response();
     if replayed {
         response
             .headers_mut()
@@ -92,9 +99,11 @@ pub async fn notify(
 /// first call's, replayed.
 async fn accept(
     state: &AppState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Answer, bool), ApiError> {
+) -> Result<(Answer, bool, Option<Gathered>), ApiError> {
+    let receipt = wants_receipt(uri)?;
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -110,7 +119,8 @@ async fn accept(
 
     let idempotency_key = idempotency_key(headers)?;
     let Some(key) = idempotency_key else {
-        return Ok((publish(state, target, msg).await?, false));
+        let (answer, gathered) = publish(state, target, msg, receipt).await?;
+        return Ok((answer, false, gathered));
     };
     let fingerprint = idempotency::fingerprint(&target, msg.get());
     let unavailable = |e: crate::bus::BusError| ApiError::Unavailable(e.to_string());
@@ -120,17 +130,18 @@ async fn accept(
         .await
         .map_err(unavailable)?
     {
-        Claim::First => match publish(state, target, msg).await {
-            Ok(answer) => {
+        Claim::First => match publish(state, target, msg, receipt).await {
+            Ok((answer, gathered)) => {
                 state.bus.complete(&key, &fingerprint, &answer).await;
-                Ok((answer, false))
+                Ok((answer, false, gathered))
             }
             Err(e) => {
                 state.bus.release(&key, &fingerprint).await;
                 Err(e)
             }
         },
-        Claim::Replay(answer) => Ok((answer, true)),
+        // A replay has no receipt: nothing was written this time.
+        Claim::Replay(answer) => Ok((answer, true, None)),
         Claim::InProgress => Err(ApiError::Conflict),
         Claim::Reused => Err(ApiError::IdempotencyKeyReused),
     }
@@ -181,19 +192,45 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyK
 }
 
 /// Publishes a validated call; its answer.
-async fn publish(state: &AppState, target: Target, msg: Box<RawValue>) -> Result<Answer, ApiError> {
+async fn publish(
+    state: &AppState,
+    target: Target,
+    msg: Box<RawValue>,
+    receipt: bool,
+) -> Result<(Answer, Option<Gathered>), ApiError> {
     let notification = Notification::new(target, msg);
     let answer = Answer {
         id: notification.id.clone(),
         variant: notification.target.variant(),
     };
     tracing::debug!(id = %answer.id, variant = answer.variant, "notification accepted");
-    state
-        .bus
-        .publish(notification)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(answer)
+    let unavailable = |e: crate::bus::BusError| ApiError::Unavailable(e.to_string());
+    if receipt {
+        let gathered = state
+            .bus
+            .publish_with_receipt(notification)
+            .await
+            .map_err(unavailable)?;
+        return Ok((answer, Some(gathered)));
+    }
+    state.bus.publish(notification).await.map_err(unavailable)?;
+    Ok((answer, None))
+}
+
+/// `?receipt=true` (or `false`); anything else for `receipt` is refused.
+fn wants_receipt(uri: &Uri) -> Result<bool, ApiError> {
+    let mut receipt = false;
+    for pair in uri.query().unwrap_or_default().split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name == "receipt" {
+            receipt = match value {
+                "true" => true,
+                "false" => false,
+                _ => return Err(ApiError::BadRequest("receipt must be true or false".into())),
+            };
+        }
+    }
+    Ok(receipt)
 }
 
 /// The body, up to `CHANNELS_MAX_BODY_BYTES`: refused from its declared

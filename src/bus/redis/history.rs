@@ -36,7 +36,8 @@ use crate::{
 
 /// See the module documentation. KEYS: sequence, stream. ARGV: topic,
 /// payload, max entries, retention in ms, the publish command (`PUBLISH`,
-/// or `SPUBLISH` on a Redis Cluster).
+/// or `SPUBLISH` on a Redis Cluster). Returns the offset and how many
+/// subscribers (nodes) received the message.
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -48,8 +49,8 @@ end
 local seq = string.format('%.0f', redis.call('INCR', KEYS[1]))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'n', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call(ARGV[5], ARGV[1], seq .. ' ' .. ARGV[2])
-return seq
+local receivers = redis.call(ARGV[5], ARGV[1], seq .. ' ' .. ARGV[2])
+return {seq, receivers}
 ",
     )
 });

@@ -60,6 +60,7 @@ use crate::{
     recovery::{self, Ended, NODE_DEAD_AFTER, NodeId, NotRecoverable, Offset, Origin, Session},
 };
 
+pub use requests::ASK_TIMEOUT;
 pub use topics::UNSUBSCRIBE_DELAY;
 
 /// How to reach Redis. Its `Debug` masks passwords in the URLs.
@@ -228,9 +229,9 @@ impl RedisBus {
         self.shared.ready.load(Ordering::Acquire)
     }
 
-    /// Publishes to the notification's topic (and history). Fails fast while
-    /// not ready.
-    pub async fn publish(&self, notification: Notification) -> Result<(), BusError> {
+    /// Publishes to the notification's topic (and history); how many nodes
+    /// received it. Fails fast while not ready.
+    pub async fn publish(&self, notification: Notification) -> Result<usize, BusError> {
         if !self.is_ready() {
             return Err(BusError::Unavailable);
         }

@@ -31,10 +31,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// One job for the [`Publisher`].
 pub enum Job {
-    /// A notification, and where its outcome goes.
+    /// A notification, and where its outcome goes: how many nodes
+    /// received it.
     Publish {
         item: Publish,
-        done: oneshot::Sender<Result<(), BusError>>,
+        done: oneshot::Sender<Result<usize, BusError>>,
     },
     /// Notifications that must go out in this order (a batch): one
     /// pipeline, so neither the connection nor this task reorders them.
@@ -147,9 +148,12 @@ impl Publisher {
                     .arg(max)
                     .arg(retention)
                     .arg(connection.publish_command());
-                let result = connection.invoke::<u64>(&invocation).await.map(|offset| {
-                    shared.position.fetch_max(offset, Ordering::AcqRel);
-                });
+                let result = connection.invoke::<(u64, i64)>(&invocation).await.map(
+                    |(offset, receivers)| {
+                        shared.position.fetch_max(offset, Ordering::AcqRel);
+                        receivers.max(0) as usize
+                    },
+                );
                 (result, Some(done))
             }
             Job::Publish {
@@ -166,11 +170,14 @@ impl Publisher {
                 let mut command = redis::cmd(connection.publish_command());
                 command.arg(&topic).arg(payload);
                 (
-                    connection.query::<i64>(&command).await.map(drop),
+                    connection
+                        .query::<i64>(&command)
+                        .await
+                        .map(|receivers| receivers.max(0) as usize),
                     Some(done),
                 )
             }
-            Job::Write(command) => (connection.query::<()>(&command).await, None),
+            Job::Write(command) => (connection.query::<()>(&command).await.map(|()| 0), None),
             Job::PublishMany { .. } => unreachable!("sent above"),
         };
         let outcome = result.map_err(|e| {
@@ -247,8 +254,14 @@ impl Publisher {
                         tracing::warn!(error = ?e, "a batch item's publish failed");
                         Err(BusError::Unavailable)
                     }
-                    redis::Value::Int(offset) => {
-                        shared.position.fetch_max(offset as u64, Ordering::AcqRel);
+                    // The script's offset and receivers.
+                    redis::Value::Array(parts) => {
+                        if let Some(offset) = parts
+                            .first()
+                            .and_then(|p| redis::from_redis_value_ref::<u64>(p).ok())
+                        {
+                            shared.position.fetch_max(offset, Ordering::AcqRel);
+                        }
                         Ok(())
                     }
                     _ => Ok(()),

@@ -12,6 +12,10 @@
 //!   `"<id> <count>"` to the asker's replies topic.
 //! * The asker sums what arrives within [`ASK_TIMEOUT`]; a node that is
 //!   stopped or slow makes the answer incomplete, not late.
+//! * Delivery receipts ride the notification itself: it names the asker and
+//!   a request id, the publish's receiver count says how many nodes got it,
+//!   and each of them answers with its socket count once it has written
+//!   them. A notification without a receipt costs nothing more.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -24,7 +28,7 @@ use tokio::sync::mpsc;
 use super::{RedisBus, Shared};
 use crate::{
     bus::{BusError, Deliver, Gathered},
-    notification::{Channel, KeycloakId},
+    notification::{Channel, KeycloakId, Notification, Receipt},
 };
 
 /// How long a request waits for every node's answer.
@@ -97,30 +101,54 @@ impl RedisBus {
                 tracing::warn!(error = %e, "request to the nodes failed");
                 Err(BusError::Unavailable)
             }
-            Ok(nodes) => {
-                let nodes = nodes.max(0) as usize;
-                let mut gathered = Gathered {
-                    count: 0,
-                    complete: false,
-                };
-                let mut heard = 0;
-                let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
-                while heard < nodes {
-                    match tokio::time::timeout_at(deadline, answered.recv()).await {
-                        Ok(Some(count)) => {
-                            gathered.count += count;
-                            heard += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                gathered.complete = heard == nodes;
-                Ok(gathered)
-            }
+            Ok(nodes) => Ok(gather(&mut answered, nodes.max(0) as usize).await),
         };
         self.shared.asking.remove(&id);
         outcome
     }
+
+    /// Publishes with a receipt: every node that received the notification
+    /// reports how many sockets it wrote it to, on this node's replies
+    /// topic, after it did; the publish says how many nodes received it.
+    pub async fn publish_with_receipt(
+        &self,
+        mut notification: Notification,
+    ) -> Result<Gathered, BusError> {
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (answers, mut answered) = mpsc::unbounded_channel();
+        self.shared.asking.insert(id, answers);
+        notification.receipt = Some(Receipt {
+            node: self.shared.node.0,
+            id,
+        });
+        let outcome = match self.publish(notification).await {
+            Ok(nodes) => Ok(gather(&mut answered, nodes).await),
+            Err(e) => Err(e),
+        };
+        self.shared.asking.remove(&id);
+        outcome
+    }
+}
+
+/// Sums the answers of `nodes` nodes, for at most [`ASK_TIMEOUT`].
+async fn gather(answered: &mut mpsc::UnboundedReceiver<usize>, nodes: usize) -> Gathered {
+    let mut gathered = Gathered {
+        count: 0,
+        complete: false,
+    };
+    let mut heard = 0;
+    let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
+    while heard < nodes {
+        match tokio::time::timeout_at(deadline, answered.recv()).await {
+            Ok(Some(count)) => {
+                gathered.count += count;
+                heard += 1;
+            }
+            _ => break,
+        }
+    }
+    gathered.complete = heard == nodes;
+    gathered
 }
 
 /// A request from another node (or this one): handled on this node's
@@ -136,13 +164,18 @@ pub fn handle_request(shared: &Arc<Shared>, sink: &dyn Deliver, payload: &[u8]) 
         revoke_at,
     } = &request.disconnect;
     let count = sink.disconnect(keycloak, channel.as_ref(), *revoke_at);
+    reply(shared, request.from, request.id, count);
+}
+
+/// Answers request `id` of node `to` with `count`, without waiting.
+pub fn reply(shared: &Shared, to: u64, id: u64, count: usize) {
     let Some(mut connection) = shared.connection().0 else {
         return;
     };
     let mut command = redis::cmd(connection.publish_command());
     command
-        .arg(replies_topic(&shared.prefix, request.from))
-        .arg(format!("{} {count}", request.id));
+        .arg(replies_topic(&shared.prefix, to))
+        .arg(format!("{id} {count}"));
     tokio::spawn(async move {
         if let Err(e) = connection.query::<i64>(&command).await {
             tracing::warn!(error = %e, "answer to a request not sent");

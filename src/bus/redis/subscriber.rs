@@ -31,7 +31,7 @@ use super::{
     history::split_message,
     parse_takeover,
     publisher::beat,
-    requests::{handle_reply, handle_request, replies_topic, requests_topic},
+    requests::{handle_reply, handle_request, replies_topic, reply, requests_topic},
     takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
@@ -250,7 +250,10 @@ impl Subscriber {
                         match parsed {
                             Some((offset, notification)) => {
                                 shared.position.fetch_max(offset, Ordering::AcqRel);
-                                sink.deliver(offset, &notification);
+                                let written = sink.deliver(offset, &notification);
+                                if let Some(receipt) = notification.receipt {
+                                    reply(&shared, receipt.node, receipt.id, written);
+                                }
                             }
                             None => tracing::warn!("unreadable bus message dropped"),
                         }

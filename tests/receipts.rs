@@ -1,0 +1,151 @@
+//! Delivery receipts, `POST /notify?receipt=true` (SPEC.md): the sockets a
+//! notification was written to across the cluster, and whether every node
+//! that received it reported within a second.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{redis::RedisServer, *};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn notify(addr: &str, query: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/notify{query}"))
+        .header("x-api-key", API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn redis_node(redis: &RedisServer) -> TestNode {
+    let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
+    assert!(eventually(WAIT, async || node_ready(&node).await).await);
+    node
+}
+
+fn receipt(answer: &Value) -> (Value, Value) {
+    (answer["sockets"].clone(), answer["complete"].clone())
+}
+
+#[tokio::test]
+async fn a_receipt_counts_the_sockets_written_on_one_node() {
+    let node = start(&[]).await;
+    let addr = node.addr.to_string();
+    let mut first = node.socket("alice", "admin").await;
+    let mut second = node.socket("alice", "b2b").await;
+    let (status, answer) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"keycloak": "alice", "msg": 1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(receipt(&answer), (json!(2), json!(true)));
+    assert_eq!(first.notification(WAIT).await, Some(json!(1)));
+    assert_eq!(second.notification(WAIT).await, Some(json!(1)));
+    let (_, offline) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"keycloak": "nobody", "msg": 1}),
+    )
+    .await;
+    assert_eq!(receipt(&offline), (json!(0), json!(true)));
+    let (_, pair) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"keycloak": "alice", "channel": "b2b", "msg": 2}),
+    )
+    .await;
+    assert_eq!(receipt(&pair), (json!(1), json!(true)));
+    let (_, plain) = notify(&addr, "", json!({"keycloak": "alice", "msg": 3})).await;
+    assert_eq!(plain.get("sockets"), None, "no receipt unless asked");
+    let (_, off) = notify(
+        &addr,
+        "?receipt=false",
+        json!({"keycloak": "alice", "msg": 4}),
+    )
+    .await;
+    assert_eq!(off.get("sockets"), None);
+    let (status, bad) = notify(
+        &addr,
+        "?receipt=yes",
+        json!({"keycloak": "alice", "msg": 5}),
+    )
+    .await;
+    assert_eq!((status, bad["error"].clone()), (400, json!("bad_request")));
+}
+
+#[tokio::test]
+async fn a_receipt_counts_across_nodes_and_says_when_one_is_silent() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis).await;
+    let b = redis_node(&redis).await;
+    let _on_a = a.socket("alice", "admin").await;
+    let _on_b = b.socket("alice", "admin").await;
+    let _other = b.socket("bob", "admin").await;
+    let addr = a.addr.to_string();
+    let (_, user) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"keycloak": "alice", "msg": 1}),
+    )
+    .await;
+    assert_eq!(receipt(&user), (json!(2), json!(true)));
+    let (_, channel) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"channel": "admin", "msg": 1}),
+    )
+    .await;
+    assert_eq!(receipt(&channel), (json!(3), json!(true)));
+    let (_, offline) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"keycloak": "nobody", "msg": 1}),
+    )
+    .await;
+    assert_eq!(receipt(&offline), (json!(0), json!(true)));
+
+    // A third node holding one of alice's sockets stops.
+    let vars = test_vars(&[("CHANNELS_REDIS_URL", &redis.url())]);
+    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (mut stopped, stopped_addr) = spawn_node(&["serve"], &env);
+    let stopped_addr: std::net::SocketAddr = stopped_addr.parse().unwrap();
+    let ready = eventually(WAIT, async || {
+        reqwest::get(format!("http://{stopped_addr}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready);
+    let auth = json!({"token": ws_token("alice"), "keycloakID": "alice", "channel": "admin"});
+    let _on_stopped = SioClient::connect(stopped_addr, auth).await.unwrap();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &stopped.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let (status, partial) = notify(
+        &addr,
+        "?receipt=true",
+        json!({"keycloak": "alice", "msg": 2}),
+    )
+    .await;
+    let took = started.elapsed();
+    signal("-CONT");
+    let _ = stopped.kill();
+    let _ = stopped.wait();
+    assert_eq!(status, 200);
+    assert_eq!(receipt(&partial), (json!(2), json!(false)));
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+}
