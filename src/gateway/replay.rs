@@ -26,9 +26,13 @@ use socketioxide::{SocketError, extract::SocketRef, socket::EncodedEvent};
 
 use crate::{bus::history::Missed, recovery::Offset};
 
-/// How long a replay waits for a full send queue to drain before it gives
-/// the client up as slow (its session stays recoverable).
-const DRAIN_WAIT: Duration = Duration::from_millis(5);
+/// How long a replay waits before it tries a full send queue again (until
+/// `give_up`, when it gives the client up as slow; its session stays
+/// recoverable). A replay of 1,000 fills a 256-packet queue about four
+/// times: at 5 ms a wait, the waits were most of its 22.7 ms
+/// (BENCHMARKS.md, "Connection state recovery"); tokio's timer has 1 ms
+/// steps.
+const DRAIN_WAIT: Duration = Duration::from_millis(1);
 
 /// Holds a returning socket's live deliveries until its replay is written.
 pub struct Gate {
