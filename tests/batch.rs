@@ -219,3 +219,20 @@ async fn under_an_idempotency_key_each_item_is_delivered_once() {
     assert_eq!(changed.status, 422);
     assert_eq!(all_received(&mut socket).await, Vec::<Value>::new());
 }
+
+#[tokio::test]
+async fn redis_down_answers_503_and_delivers_nothing() {
+    let mut redis = RedisServer::start();
+    let node = redis_node(&redis).await;
+    let mut socket = node.socket("alice", "admin").await;
+    redis.kill();
+    assert!(eventually(WAIT, async || !node_ready(&node).await).await);
+    let items =
+        json!({"notifications": [{"keycloak": "alice", "msg": 1}, {"channel": "admin", "msg": 2}]});
+    for key in [None, Some("down")] {
+        let answer = batch(&node, key, items.clone()).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.body["error"], "unavailable");
+    }
+    assert_eq!(all_received(&mut socket).await, Vec::<Value>::new());
+}

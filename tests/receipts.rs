@@ -149,3 +149,22 @@ async fn a_receipt_counts_across_nodes_and_says_when_one_is_silent() {
     assert_eq!(receipt(&partial), (json!(2), json!(false)));
     assert!(took < Duration::from_secs(3), "answered after {took:?}");
 }
+
+#[tokio::test]
+async fn redis_down_answers_503() {
+    let mut redis = RedisServer::start();
+    let node = redis_node(&redis).await;
+    let _socket = node.socket("alice", "admin").await;
+    redis.kill();
+    assert!(eventually(WAIT, async || !node_ready(&node).await).await);
+    let (status, answer) = notify(
+        &node.addr.to_string(),
+        "?receipt=true",
+        json!({"keycloak": "alice", "msg": 1}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].clone()),
+        (503, json!("unavailable"))
+    );
+}
