@@ -43,6 +43,10 @@ pub trait Deliver: Send + Sync + 'static {
     /// records the session's end.
     fn take_over(&self, user: &KeycloakId, session: u128);
 
+    /// Refuses `user`'s ws tokens minted at or before `at_ms` on this node
+    /// (a revocation this node learns from Redis when it connects).
+    fn revoke(&self, user: &KeycloakId, at_ms: u64);
+
     /// `POST /disconnect`, on this node: first, with `revoke_at`, refuses
     /// `user`'s ws tokens minted at or before it (ms); then closes the
     /// sockets of `user` (in `channel` only, when given) for good; how many.

@@ -73,6 +73,10 @@ impl Deliver for Delivery {
         super::take_over(&self.registry, user, session, None);
     }
 
+    fn revoke(&self, user: &KeycloakId, at_ms: u64) {
+        self.ws_tokens.revoke(user, at_ms);
+    }
+
     fn disconnect(
         &self,
         user: &KeycloakId,
@@ -80,7 +84,7 @@ impl Deliver for Delivery {
         revoke_at: Option<u64>,
     ) -> usize {
         if let Some(at) = revoke_at {
-            self.ws_tokens.revoke(user, at);
+            self.revoke(user, at);
         }
         let target = match channel {
             Some(channel) => Target::UserChannel {

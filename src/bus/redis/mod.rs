@@ -117,6 +117,8 @@ struct Shared {
     recovery: Option<HistorySettings>,
     /// `CHANNELS_IDEMPOTENCY_WINDOW`.
     idempotency_window: Duration,
+    /// How long a revocation matters: a ws token's lifetime and leeway.
+    revocation_lifetime: Duration,
     /// The publishing connection; `None` while Redis is unreachable. A std
     /// `RwLock`: held only to clone the handle, never across an `.await`.
     publisher: RwLock<Option<Connection>>,
@@ -178,6 +180,7 @@ impl RedisBus {
             node,
             recovery,
             idempotency_window: config.idempotency.window,
+            revocation_lifetime: config.ws_token_ttl + requests::TOKEN_LEEWAY,
             publisher: RwLock::new(None),
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),

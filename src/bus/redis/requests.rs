@@ -34,6 +34,17 @@ use crate::{
 /// How long a request waits for every node's answer.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The ws tokens' expiry leeway (`auth::WsTokens`), which a revocation
+/// outlives too.
+pub const TOKEN_LEEWAY: Duration = Duration::from_secs(5);
+
+/// The revocations of the last token lifetime, for nodes that start (or
+/// reconnect) after them: a sorted set of users scored by when (ms), one
+/// key so it lives in one slot on a Redis Cluster too.
+pub fn revocations_key(prefix: &str) -> String {
+    format!("{prefix}:revoked")
+}
+
 /// The topic every node takes requests on.
 pub fn requests_topic(prefix: &str) -> String {
     format!("{prefix}:requests")
@@ -68,12 +79,46 @@ impl RedisBus {
         channel: Option<&Channel>,
         revoke_at: Option<u64>,
     ) -> Result<Gathered, BusError> {
+        if let Some(at) = revoke_at {
+            self.record_revocation(user, at).await?;
+        }
         self.ask(Disconnect {
             keycloak: user.clone(),
             channel: channel.cloned(),
             revoke_at,
         })
         .await
+    }
+
+    /// Keeps a revocation in Redis for the tokens' lifetime, and drops the
+    /// ones older than that, before any node is asked to apply it.
+    async fn record_revocation(&self, user: &KeycloakId, at_ms: u64) -> Result<(), BusError> {
+        let (Some(mut connection), _) = self.shared.connection() else {
+            return Err(BusError::Unavailable);
+        };
+        let key = revocations_key(&self.shared.prefix);
+        let lifetime = self.shared.revocation_lifetime.as_millis() as u64;
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("ZADD")
+            .arg(&key)
+            .arg("GT")
+            .arg(at_ms)
+            .arg(user.as_str())
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({}", at_ms.saturating_sub(lifetime)))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(lifetime)
+            .ignore();
+        connection.pipeline(&pipeline).await.map(drop).map_err(|e| {
+            tracing::warn!(error = %e, "revocation not kept in Redis");
+            BusError::Unavailable
+        })
     }
 
     async fn ask(&self, disconnect: Disconnect) -> Result<Gathered, BusError> {
@@ -165,6 +210,31 @@ pub fn handle_request(shared: &Arc<Shared>, sink: &dyn Deliver, payload: &[u8]) 
     } = &request.disconnect;
     let count = sink.disconnect(keycloak, channel.as_ref(), *revoke_at);
     reply(shared, request.from, request.id, count);
+}
+
+/// Applies the revocations Redis keeps to this node's ws tokens: called
+/// once connected, before the node is ready.
+pub async fn load_revocations(
+    shared: &Shared,
+    connection: &mut super::connection::Connection,
+    sink: &dyn Deliver,
+) -> redis::RedisResult<()> {
+    let since =
+        crate::recovery::now_ms().saturating_sub(shared.revocation_lifetime.as_millis() as u64);
+    let mut command = redis::cmd("ZRANGEBYSCORE");
+    command
+        .arg(revocations_key(&shared.prefix))
+        .arg(since)
+        .arg("+inf")
+        .arg("WITHSCORES");
+    // Scores come as doubles (RESP3); ms since the epoch are exact in one.
+    let revoked: Vec<(String, f64)> = connection.query(&command).await?;
+    for (user, at) in revoked {
+        if let Ok(user) = KeycloakId::parse(&user) {
+            sink.revoke(&user, at as u64);
+        }
+    }
+    Ok(())
 }
 
 /// Answers request `id` of node `to` with `count`, without waiting.

@@ -31,7 +31,9 @@ use super::{
     history::split_message,
     parse_takeover,
     publisher::beat,
-    requests::{handle_reply, handle_request, replies_topic, reply, requests_topic},
+    requests::{
+        handle_reply, handle_request, load_revocations, replies_topic, reply, requests_topic,
+    },
     takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
@@ -179,6 +181,8 @@ impl Subscriber {
             if self.shared.recovery.is_some() {
                 publisher.query::<()>(&beat(&self.shared, false)).await?;
             }
+            // Revocations made while this node was away or not yet started.
+            load_revocations(&self.shared, &mut publisher, &*self.sink).await?;
             let mut subscriber = self
                 .connector
                 .connect(Some(self.push_handler(generation)))
