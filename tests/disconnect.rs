@@ -153,34 +153,17 @@ async fn revoke_refuses_older_ws_tokens_on_every_node() {
 async fn a_node_that_does_not_answer_makes_it_incomplete() {
     let mut redis = RedisServer::start();
     let a = redis_node(&redis).await;
-    let vars = test_vars(&[("CHANNELS_REDIS_URL", &redis.url())]);
-    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let (mut stopped, stopped_addr) = spawn_node(&["serve"], &env);
-    let ready = eventually(WAIT, async || {
-        reqwest::get(format!("http://{stopped_addr}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready);
+    let stopped = StoppableNode::start(&redis.url()).await;
     let _socket = a.socket("alice", "admin").await;
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &stopped.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    signal("-STOP");
+    stopped.signal("-STOP");
     let started = std::time::Instant::now();
     let answer = disconnect(&a.addr.to_string(), json!({"keycloak": "alice"})).await;
     let took = started.elapsed();
-    signal("-CONT");
+    stopped.signal("-CONT");
     assert_eq!(answer, (200, json!({"disconnected": 1, "complete": false})));
     assert!(took < Duration::from_secs(3), "answered after {took:?}");
     // Redis down: refused, nothing closed.
-    let _ = stopped.kill();
-    let _ = stopped.wait();
+    drop(stopped);
     let mut bob = a.socket("bob", "admin").await;
     redis.kill();
     assert!(eventually(WAIT, async || !node_ready(&a).await).await);

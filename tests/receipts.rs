@@ -113,27 +113,10 @@ async fn a_receipt_counts_across_nodes_and_says_when_one_is_silent() {
     assert_eq!(receipt(&offline), (json!(0), json!(true)));
 
     // A third node holding one of alice's sockets stops.
-    let vars = test_vars(&[("CHANNELS_REDIS_URL", &redis.url())]);
-    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let (mut stopped, stopped_addr) = spawn_node(&["serve"], &env);
-    let stopped_addr: std::net::SocketAddr = stopped_addr.parse().unwrap();
-    let ready = eventually(WAIT, async || {
-        reqwest::get(format!("http://{stopped_addr}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready);
+    let stopped = StoppableNode::start(&redis.url()).await;
     let auth = json!({"token": ws_token("alice"), "keycloakID": "alice", "channel": "admin"});
-    let _on_stopped = SioClient::connect(stopped_addr, auth).await.unwrap();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &stopped.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    signal("-STOP");
+    let _on_stopped = SioClient::connect(stopped.addr, auth).await.unwrap();
+    stopped.signal("-STOP");
     let started = std::time::Instant::now();
     let (status, partial) = notify(
         &addr,
@@ -142,9 +125,7 @@ async fn a_receipt_counts_across_nodes_and_says_when_one_is_silent() {
     )
     .await;
     let took = started.elapsed();
-    signal("-CONT");
-    let _ = stopped.kill();
-    let _ = stopped.wait();
+    stopped.signal("-CONT");
     assert_eq!(status, 200);
     assert_eq!(receipt(&partial), (json!(2), json!(false)));
     assert!(took < Duration::from_secs(3), "answered after {took:?}");

@@ -390,3 +390,46 @@ pub async fn eventually(wait: Duration, mut check: impl AsyncFnMut() -> bool) ->
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A node run as its own process on `redis_url`, ready, that a test can
+/// SIGSTOP and SIGCONT (a node that stops answering); killed when dropped.
+pub struct StoppableNode {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl StoppableNode {
+    pub async fn start(redis_url: &str) -> Self {
+        let vars = test_vars(&[("CHANNELS_REDIS_URL", redis_url)]);
+        let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (child, addr) = spawn_node(&["serve"], &env);
+        let node = StoppableNode {
+            child,
+            addr: addr.parse().unwrap(),
+        };
+        let ready = eventually(Duration::from_secs(5), async || {
+            reqwest::get(format!("http://{}/readyz", node.addr))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(ready, "the node did not become ready");
+        node
+    }
+
+    /// Sends `signal` (`"-STOP"`, `"-CONT"`) to the node.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for StoppableNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
