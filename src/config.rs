@@ -79,12 +79,19 @@ pub struct Config {
     /// `CHANNELS_SOCKET_QUEUE`: packets a socket may have waiting before it is
     /// disconnected as a slow client.
     pub socket_queue: usize,
+    /// `CHANNELS_SOCKET_QUEUE_BYTES`: bytes of messages that may wait in one
+    /// socket's send queue; past it too, the socket is a slow client.
+    pub socket_queue_bytes: usize,
     /// `CHANNELS_WS_MAX_MESSAGE_BYTES`: largest message a client may send us.
     pub ws_max_message_bytes: usize,
     /// `CHANNELS_METRICS_MAX_CHANNELS`: distinct channel label values in metrics.
     pub metrics_max_channels: usize,
     /// `CHANNELS_SHUTDOWN_TIMEOUT`: upper bound of a graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// `CHANNELS_HEADER_TIMEOUT`: how long a connection may take to send a
+    /// complete request head, or stay idle between requests; also how long
+    /// a socket.io session may take to send its CONNECT.
+    pub header_timeout: Duration,
     /// `CHANNELS_PING_INTERVAL`: engine.io heartbeat interval. Load balancer
     /// idle timeouts must be longer.
     pub ping_interval: Duration,
@@ -259,6 +266,13 @@ impl Config {
                 reason: "must be at least 8".into(),
             });
         }
+        let socket_queue_bytes: usize = env.parse("CHANNELS_SOCKET_QUEUE_BYTES", "4194304")?;
+        if socket_queue_bytes < 65_536 {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_SOCKET_QUEUE_BYTES",
+                reason: "must be at least 65536".into(),
+            });
+        }
         let ws_max_message_bytes: usize = env.parse("CHANNELS_WS_MAX_MESSAGE_BYTES", "16384")?;
         if ws_max_message_bytes < 1024 {
             return Err(ConfigError::Invalid {
@@ -289,9 +303,11 @@ impl Config {
             max_batch: env.positive("CHANNELS_MAX_BATCH", "1000")?,
             max_batch_bytes: env.positive("CHANNELS_MAX_BATCH_BYTES", "8388608")?,
             socket_queue,
+            socket_queue_bytes,
             ws_max_message_bytes,
             metrics_max_channels: env.parse("CHANNELS_METRICS_MAX_CHANNELS", "200")?,
             shutdown_timeout: Duration::from_secs(env.parse("CHANNELS_SHUTDOWN_TIMEOUT", "10")?),
+            header_timeout: env.seconds("CHANNELS_HEADER_TIMEOUT", "10")?,
             ping_interval: env.seconds("CHANNELS_PING_INTERVAL", "25")?,
             ping_timeout: env.seconds("CHANNELS_PING_TIMEOUT", "20")?,
             worker_threads: match env.get("CHANNELS_WORKER_THREADS") {
@@ -367,9 +383,14 @@ impl Config {
             ("CHANNELS_MAX_BATCH_BYTES", self.max_batch_bytes.to_string()),
             ("CHANNELS_SOCKET_QUEUE", self.socket_queue.to_string()),
             (
+                "CHANNELS_SOCKET_QUEUE_BYTES",
+                self.socket_queue_bytes.to_string(),
+            ),
+            (
                 "CHANNELS_WS_MAX_MESSAGE_BYTES",
                 self.ws_max_message_bytes.to_string(),
             ),
+            ("CHANNELS_HEADER_TIMEOUT", secs(self.header_timeout)),
             ("CHANNELS_PING_INTERVAL", secs(self.ping_interval)),
             ("CHANNELS_PING_TIMEOUT", secs(self.ping_timeout)),
             (
@@ -405,7 +426,7 @@ impl Config {
         out.extend([
             (
                 "CHANNELS_MAX_CONNECTIONS",
-                limits.max_connections.to_string(),
+                max_connections(limits.max_connections),
             ),
             (
                 "CHANNELS_MAX_SOCKETS_PER_USER",
@@ -441,6 +462,20 @@ impl Config {
             }
         }
         out
+    }
+}
+
+/// `CHANNELS_MAX_CONNECTIONS` and the cap a node would apply under this
+/// process's descriptor limit, which it raises to the hard one at start.
+fn max_connections(configured: usize) -> String {
+    let hard = crate::limits::descriptors::hard_limit();
+    match hard.map(|hard| crate::limits::descriptors::cap(configured, hard)) {
+        Ok(Ok(cap)) => match cap.why {
+            Some(why) => format!("{configured} (applied: {}; {why})", cap.applied),
+            None => configured.to_string(),
+        },
+        Ok(Err(e)) => format!("{configured} (a node cannot start: {e})"),
+        Err(e) => format!("{configured} (descriptor limit unknown: {e})"),
     }
 }
 

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod notification;
 pub mod recovery;
 pub mod registry;
+pub mod server;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -34,7 +35,7 @@ use crate::{
     bus::Bus,
     config::Config,
     gateway::{Delivery, Gateway, RecoveryState, SocketRegistry},
-    limits::{ConnectionLimit, Limiters, PeerAddr},
+    limits::{ConnectionLimit, Limiters},
     metrics::Metrics,
     recovery::NodeId,
     registry::RegistryStats,
@@ -47,7 +48,7 @@ pub struct Node {
     metrics: Metrics,
     io: SocketIo,
     shutting_down: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
+    server: JoinHandle<()>,
     /// Stops the bus's tasks once the sockets are closed, so the records of
     /// their sessions' ends still go out.
     stop_bus: CancellationToken,
@@ -65,6 +66,8 @@ pub enum StartError {
     Bus(String),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Limits(String),
 }
 
 /// Starts a node on `listener` with `config`, and returns once it serves.
@@ -127,21 +130,26 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         limiters.clone(),
         shutting_down.clone(),
     )));
-    let listener = ConnectionLimit::new(
+    // The whole process's limit: a node is the process's purpose.
+    let descriptors = limits::descriptors::raise()?;
+    let cap = limits::descriptors::cap(config.limits.max_connections, descriptors)
+        .map_err(StartError::Limits)?;
+    match &cap.why {
+        Some(why) => tracing::info!(
+            cap = cap.applied,
+            "connection cap lowered from CHANNELS_MAX_CONNECTIONS={}: {why}",
+            config.limits.max_connections
+        ),
+        None => tracing::info!(cap = cap.applied, "connection cap"),
+    }
+    let listener = ConnectionLimit::new(listener, cap.applied, limiters, metrics.clone());
+    let server = tokio::spawn(server::serve(
         listener,
-        config.limits.max_connections,
-        limiters,
+        app,
+        config.header_timeout,
         metrics.clone(),
-    );
-    let stop = shutting_down.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<PeerAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    });
+        shutting_down.clone(),
+    ));
     tracing::info!(%addr, dev_mode = config.dev_mode, "channels node serving");
     Ok(Node {
         addr,

@@ -98,12 +98,26 @@ async fn sigterm_exits_cleanly_within_the_bound() {
 }
 
 /// The tokio worker threads of process `pid`, by their name in `/proc`.
-fn worker_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
-        .count()
+/// The worker threads of the process `pid`, once their count has settled:
+/// tokio starts its workers on its blocking pool, so on a busy machine the
+/// last may start after the node already answers. Waits up to 5 s for the
+/// count to reach `expected`, and returns the count it saw last.
+fn worker_threads(pid: u32, expected: usize) -> usize {
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "tokio-rt-worker")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let seen = count();
+        if seen == expected || std::time::Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -112,7 +126,7 @@ fn a_node_runs_as_many_worker_threads_as_it_is_told() {
         let (mut child, addr) =
             spawn_node(&["serve", "--dev"], &[("CHANNELS_WORKER_THREADS", setting)]);
         assert_eq!(
-            worker_threads(child.id()),
+            worker_threads(child.id(), expected),
             expected,
             "CHANNELS_WORKER_THREADS={setting}"
         );

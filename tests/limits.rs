@@ -110,20 +110,30 @@ async fn connections_past_max_connections_get_a_503_and_close() {
     for _ in 0..2 {
         held.push(TcpStream::connect(node.addr).await.unwrap());
     }
-    let mut refused = TcpStream::connect(node.addr).await.unwrap();
-    let _ = refused
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), refused.read_to_string(&mut answer))
-        .await
-        .expect("the refused connection is closed")
-        .unwrap();
+    // On a connection of its own, a GET whose connection the node closes
+    // after its answer.
+    let get_past_the_cap = async |path: &str| {
+        let mut stream = TcpStream::connect(node.addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("the connection is closed after the answer")
+            .unwrap();
+        answer
+    };
+    let answer = get_past_the_cap("/openapi.json").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["error"], "unavailable");
     assert_eq!(refusals(&node, "max_connections"), 1);
     assert_eq!(node.node.metrics().handles().connections.get(), 3);
+
+    // Past the cap, the node still says how it is.
+    let answer = get_past_the_cap("/healthz").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(refusals(&node, "max_connections"), 2);
 
     // The socket that got in is served; a freed place is taken again.
     drop(held.pop());

@@ -278,6 +278,43 @@ async fn a_stuck_client_is_disconnected_and_counted_while_others_get_everything(
     drop(stuck);
 }
 
+/// A client that stops reading while 100 KB notifications flow is evicted
+/// at the byte bound, 1 MiB here, before its queue holds the 256 packets of
+/// the packet bound: 200 notifications could not fill that.
+#[tokio::test]
+async fn a_stuck_client_is_evicted_at_the_byte_bound_before_the_packet_bound() {
+    let node = start(&[
+        ("CHANNELS_SOCKET_QUEUE", "256"),
+        ("CHANNELS_SOCKET_QUEUE_BYTES", "1048576"),
+    ])
+    .await;
+    let stuck = node.socket("stuck", "admin").await; // never read from again
+    let payload = "x".repeat(100_000);
+    let mut evicted_after = None;
+    for n in 0..200 {
+        send(
+            &node,
+            json!({"channel": "admin"}),
+            json!({"n": n, "pad": payload}),
+        )
+        .await;
+        if node.metric("channels_slow_client_disconnects_total").await == 1.0 {
+            evicted_after = Some(n + 1);
+            break;
+        }
+    }
+    // What the kernel's buffers took, then 1 MiB in the queue.
+    let evicted_after = evicted_after.expect("evicted at the byte bound");
+    eprintln!("evicted after {evicted_after} notifications of 100 KB");
+    assert!(evicted_after > 10, "{evicted_after}");
+    let gone = eventually(Duration::from_secs(15), async || {
+        node.node.registry_stats().sockets == 0
+    })
+    .await;
+    assert!(gone, "{:?}", node.node.registry_stats());
+    drop(stuck);
+}
+
 #[tokio::test]
 async fn shutdown_closes_every_socket_and_finishes_in_time() {
     let node = start(&[("CHANNELS_SHUTDOWN_TIMEOUT", "5")]).await;

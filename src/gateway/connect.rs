@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use socketioxide::extract::{SocketRef, State, TryData};
 
-use super::{CONNECT_TIMEOUT, Gateway, Recipient, replay::Gate, take_over};
+use super::{Gateway, Recipient, replay::Gate, take_over};
 use crate::{
     auth::WsTokens,
     bus::history::Recovering,
@@ -179,13 +179,11 @@ pub(super) async fn authenticate(
         return Err(refuse(ConnectRefusal::TooManySockets));
     }
     let mut member = Member {
-        gateway: gateway.clone(),
         user,
         channel,
         session: None,
     };
-    member
-        .gateway
+    gateway
         .bus
         .subscribe_socket(&member.user, &member.channel)
         .await;
@@ -193,7 +191,7 @@ pub(super) async fn authenticate(
         let recovered = match (&returning, &gate) {
             (Some(returning), Some(gate)) => {
                 member
-                    .recover(returning_session, returning, gate, ended_now)
+                    .recover(&gateway, returning_session, returning, gate, ended_now)
                     .await
             }
             _ => None,
@@ -204,7 +202,7 @@ pub(super) async fn authenticate(
                 session
             }
             None if expired => {
-                member.unregister(&socket);
+                member.unregister(&gateway, &socket);
                 return Err(refuse(ConnectRefusal::Unauthorized));
             }
             None => {
@@ -224,9 +222,15 @@ pub(super) async fn authenticate(
         .with_label_values(&["accepted"])
         .inc();
     tracing::info!(sid = %socket.id, request_id, channel = %member.channel, transport = ?socket.transport_type(), "socket accepted");
+    // The handler keeps only the registration: the gateway comes from the
+    // state when it runs, so an open socket does not hold a copy of it.
     let on_leave = member.clone();
-    socket.on_disconnect(move |s: SocketRef| async move { on_leave.unregister(&s) });
-    tokio::spawn(forget_if_never_connected(member, socket));
+    socket.on_disconnect(
+        move |s: SocketRef, State(gateway): State<Gateway>| async move {
+            on_leave.unregister(&gateway, &s)
+        },
+    );
+    tokio::spawn(forget_if_never_connected(gateway, member, socket));
     Ok(())
 }
 
@@ -244,7 +248,6 @@ pub(super) async fn on_connect(socket: SocketRef, State(gateway): State<Gateway>
 /// An accepted socket's registration, to undo when it leaves.
 #[derive(Clone)]
 struct Member {
-    gateway: Gateway,
     user: KeycloakId,
     channel: Channel,
     /// Its recoverable session, when recovery is on.
@@ -256,6 +259,7 @@ impl Member {
     /// session) when it cannot be recovered.
     async fn recover(
         &self,
+        gateway: &Gateway,
         session: Option<Session>,
         returning: &Returning,
         gate: &Gate,
@@ -274,11 +278,11 @@ impl Member {
                 after,
                 ended_now,
             };
-            let missed = self.gateway.bus.recover(&recovering).await?;
+            let missed = gateway.bus.recover(&recovering).await?;
             Ok::<_, NotRecoverable>((session, missed))
         }
         .await;
-        let recoveries = &self.gateway.metrics.handles().recoveries;
+        let recoveries = &gateway.metrics.handles().recoveries;
         match outcome {
             Ok((session, missed)) => {
                 recoveries.with_label_values(&["recovered"]).inc();
@@ -297,24 +301,21 @@ impl Member {
     /// Removes the socket from the registry and, the first time only,
     /// releases its bus topics and records its session's end: both ways
     /// out below may run for one socket.
-    fn unregister(&self, socket: &SocketRef) {
-        if let Some(recovery) = &self.gateway.recovery {
+    fn unregister(&self, gateway: &Gateway, socket: &SocketRef) {
+        if let Some(recovery) = &gateway.recovery {
             recovery.pending.remove(&socket.id);
         }
-        if self
-            .gateway
+        if gateway
             .registry
             .remove(socket.id, &self.user, &self.channel)
         {
-            self.gateway
-                .bus
-                .unsubscribe_socket(&self.user, &self.channel);
-            let ended = match self.gateway.closing.remove(&socket.id) {
+            gateway.bus.unsubscribe_socket(&self.user, &self.channel);
+            let ended = match gateway.closing.remove(&socket.id) {
                 Some(_) => Ended::Closed,
                 None => Ended::At(recovery::now_ms()),
             };
             if let Some(session) = &self.session {
-                self.gateway.bus.end_session(session, ended);
+                gateway.bus.end_session(session, ended);
             }
         }
     }
@@ -324,11 +325,11 @@ impl Member {
 /// its connection. If the engine.io connection died during our middleware or
 /// just after it, the socket never connects and its disconnect handler never
 /// runs, so this drops its registration instead.
-async fn forget_if_never_connected(member: Member, socket: SocketRef) {
+async fn forget_if_never_connected(gateway: Gateway, member: Member, socket: SocketRef) {
     // The acknowledgement follows the middleware without any await point, so
-    // a short grace period is plenty; CONNECT_TIMEOUT bounds it generously.
-    tokio::time::sleep(Duration::from_millis(500).min(CONNECT_TIMEOUT)).await;
+    // a short grace period is plenty.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     if !socket.connected() {
-        member.unregister(&socket);
+        member.unregister(&gateway, &socket);
     }
 }

@@ -126,19 +126,15 @@ impl RecoveryState {
     }
 }
 
-/// How long a client has to send its CONNECT packet after the engine.io
-/// handshake, and how long an authenticated socket may stay unconfirmed
-/// before its registration is dropped (see `connect::forget_if_never_connected`).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// See the builder call in [`service`].
 const WS_READ_BUFFER_BYTES: usize = 64;
 
 /// Builds the socket.io service for the default namespace `/`. Requests
 /// outside `/socket.io/` go to `inner`.
 ///
-/// Limits come from [`Config`]: the send queue of each socket (a slow client
-/// past it is disconnected by [`Delivery`]), and what a client may send us,
+/// Limits come from [`Config`]: the send queue of each socket, in packets
+/// and in bytes (a slow client past either is disconnected by
+/// [`Delivery`]), and what a client may send us,
 /// which is only a CONNECT packet with a token, pongs and tiny packets.
 pub fn service<S: Clone>(
     config: &Config,
@@ -147,6 +143,7 @@ pub fn service<S: Clone>(
 ) -> (SocketIoService<S>, SocketIo) {
     let (svc, io) = SocketIo::builder()
         .max_buffer_size(config.socket_queue)
+        .max_buffer_bytes(config.socket_queue_bytes)
         .max_payload(config.ws_max_message_bytes as u64)
         .ws_max_message_size(config.ws_max_message_bytes)
         .ws_max_frame_size(config.ws_max_message_bytes)
@@ -159,7 +156,9 @@ pub fn service<S: Clone>(
         // none of: 16 MB of client messages cost 3x the server CPU of 256 B
         // reads (BENCHMARKS.md).
         .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
-        .connect_timeout(CONNECT_TIMEOUT)
+        // A session that never sends its CONNECT is closed as a connection
+        // that never sends its request head is (`crate::server`).
+        .connect_timeout(config.header_timeout)
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
         .with_state(gateway)

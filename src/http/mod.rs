@@ -139,8 +139,8 @@ async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Nex
 }
 
 /// The handshake headers a socket still needs once it is open: engineioxide
-/// answers the websocket upgrade with the key, and our logs carry the
-/// request id. Everything else has been read by then (CORS, the client
+/// answers the websocket upgrade with the key (and drops it then), and our
+/// logs carry the request id. Everything else has been read by then (CORS, the client
 /// address, the rate limit).
 const SOCKET_HEADERS: [HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, REQUEST_ID];
 

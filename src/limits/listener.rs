@@ -1,12 +1,15 @@
 //! The node's TCP listener, with a cap on open connections
-//! (`CHANNELS_MAX_CONNECTIONS`).
+//! (`CHANNELS_MAX_CONNECTIONS`, lowered to what the descriptor limit allows:
+//! [`super::descriptors`]).
 //!
 //! Every accepted connection holds a semaphore permit until its socket is
 //! dropped, whatever it carries (an HTTP call, a polling or a websocket
-//! transport). Past the cap, a connection is accepted, answered a fixed
-//! `503` and closed: the client (or the load balancer, which then tries
-//! another node) sees a clear answer rather than a hang, and the node's
-//! memory stays bounded however many connections are attempted.
+//! transport). Past the cap, up to [`OVER_CAP`] more connections are taken
+//! to answer them: `/healthz`, `/readyz` and `/metrics` as usual, so that
+//! a node full of connections still tells its load balancer and its
+//! monitoring how it is, and anything else a `503` (`crate::server`). Past
+//! those too, a connection is closed at once. The node's descriptors and
+//! memory stay bounded however many connections are attempted.
 
 use std::{
     io,
@@ -17,9 +20,8 @@ use std::{
     time::Duration,
 };
 
-use axum::{extract::connect_info::Connected, serve::IncomingStream};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
@@ -27,16 +29,8 @@ use tokio::{
 use super::Limiters;
 use crate::metrics::Metrics;
 
-/// The answer to a connection past the cap.
-const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-connection: close\r\n\
-content-length: 73\r\n\r\n\
-{\"error\":\"unavailable\",\"message\":\"this node is at its connection limit\"}\n";
-
-/// How long a refused connection may take to read [`FULL`].
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections taken past the cap, at most, to answer them.
+pub const OVER_CAP: usize = 128;
 
 /// Listens on `addr` with room for `backlog` connections not yet accepted.
 ///
@@ -57,12 +51,22 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// A `TcpListener` that holds at most `max` connections open.
+/// A `TcpListener` that holds at most `max` connections open, and
+/// [`OVER_CAP`] more to answer.
 pub struct ConnectionLimit {
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    over_cap: Arc<Semaphore>,
     limiters: Limiters,
     metrics: Metrics,
+}
+
+/// Whether an accepted connection is within the cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    Within,
+    /// Past the cap: served `/healthz`, `/readyz` and `/metrics` only.
+    OverCap,
 }
 
 impl ConnectionLimit {
@@ -70,17 +74,14 @@ impl ConnectionLimit {
         Self {
             listener,
             permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            over_cap: Arc::new(Semaphore::new(OVER_CAP)),
             limiters,
             metrics,
         }
     }
-}
 
-impl axum::serve::Listener for ConnectionLimit {
-    type Io = Counted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
+    /// The next connection, and whether it is within the cap.
+    pub async fn accept(&mut self) -> (Counted, SocketAddr, Place) {
         loop {
             let (stream, addr) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -89,15 +90,23 @@ impl axum::serve::Listener for ConnectionLimit {
                     continue;
                 }
             };
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                self.limiters.refused("max_connections");
-                tokio::spawn(refuse(stream));
-                continue;
+            let (permit, place) = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => (permit, Place::Within),
+                Err(_) => {
+                    self.limiters.refused("max_connections");
+                    match self.over_cap.clone().try_acquire_owned() {
+                        Ok(permit) => (permit, Place::OverCap),
+                        Err(_) => continue, // Dropped: closed now.
+                    }
+                }
             };
             // Notifications are small writes that must leave at once.
             let _ = stream.set_nodelay(true);
-            self.metrics.handles().connections.inc();
-            let gauge = self.metrics.handles().connections.clone();
+            let gauge = (place == Place::Within).then(|| {
+                let gauge = self.metrics.handles().connections.clone();
+                gauge.inc();
+                gauge
+            });
             return (
                 Counted {
                     stream,
@@ -105,24 +114,13 @@ impl axum::serve::Listener for ConnectionLimit {
                     gauge,
                 },
                 addr,
+                place,
             );
         }
     }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
 }
 
-async fn refuse(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-        stream.write_all(FULL).await?;
-        stream.shutdown().await
-    })
-    .await;
-}
-
-/// As `axum::serve` does: errors about one connection are skipped; others
+/// Errors about one connection are skipped; others
 /// (such as running out of file descriptors) are logged, and accepting
 /// pauses for a second so the node does not spin.
 async fn accept_error(e: io::Error) {
@@ -137,16 +135,19 @@ async fn accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// An accepted connection: releases its place under the cap when dropped.
+/// An accepted connection: releases its place when dropped.
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
-    gauge: prometheus::IntGauge,
+    /// `channels_connections`, which counts the connections within the cap.
+    gauge: Option<prometheus::IntGauge>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.gauge.dec();
+        if let Some(gauge) = &self.gauge {
+            gauge.dec();
+        }
     }
 }
 
@@ -190,9 +191,3 @@ impl AsyncWrite for Counted {
 /// `ConnectInfo<PeerAddr>` (see [`super::Limiters::client_address`]).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, ConnectionLimit>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, ConnectionLimit>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}

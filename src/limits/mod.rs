@@ -12,6 +12,7 @@
 //! again (an address that has been quiet long enough to have its whole burst
 //! back is indistinguishable from a new one).
 
+pub mod descriptors;
 pub mod listener;
 
 use std::{hash::Hash, net::IpAddr, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
@@ -25,7 +26,7 @@ use governor::{
 
 use crate::metrics::Metrics;
 
-pub use listener::{ConnectionLimit, PeerAddr, bind};
+pub use listener::{ConnectionLimit, PeerAddr, Place, bind};
 
 /// A rate: `per_second` calls on average, `burst` at once. Written
 /// `RATE[:BURST]` in the environment (`50:200`; the burst defaults to the

@@ -72,6 +72,18 @@ pub fn test_vars(overrides: &[(&str, &str)]) -> HashMap<String, String> {
 /// child and its address once it serves. Its log is drained in a thread, so
 /// the node never writes to a closed pipe.
 pub fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    let (child, addr, _) = spawn_node_with(args, env, None);
+    (child, addr)
+}
+
+/// [`spawn_node`], with the process's descriptor limit (soft and hard) set
+/// to `nofile` when given; also returns the log entries written before the
+/// node served.
+pub fn spawn_node_with(
+    args: &[&str],
+    env: &[(&str, &str)],
+    nofile: Option<u64>,
+) -> (std::process::Child, String, Vec<Value>) {
     use std::io::{BufRead, BufReader};
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_channels"));
     command
@@ -83,21 +95,32 @@ pub fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, 
         .env("CHANNELS_LISTEN", "127.0.0.1:0")
         .env("CHANNELS_LOG_FORMAT", "json")
         .stderr(std::process::Stdio::piped());
+    if let Some(nofile) = nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches
+        // nothing else of the parent's.
+        unsafe {
+            command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile));
+        }
+    }
     let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut before = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Ok(entry) = serde_json::from_str::<Value>(&line)
-            && entry["fields"]["message"] == "channels node serving"
-        {
+        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if entry["fields"]["message"] == "channels node serving" {
             let addr = entry["fields"]["addr"].as_str().unwrap().to_string();
             std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr);
+            return (child, addr, before);
         }
+        before.push(entry);
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("the node did not start");
+    panic!("the node did not start: {before:?}");
 }
 
 /// Resident memory of process `pid`, in KiB.

@@ -12,6 +12,11 @@
 //! first push and gives its buffer back each time the writer drains it, so
 //! an idle socket holds one small allocation.
 //!
+//! The queue is bounded in items and in bytes (the bytes of the messages
+//! waiting, [`Weigh`]): a socket that stops reading holds at most
+//! `max_buffer_size` packets and about `max_buffer_bytes`, whichever comes
+//! first, rather than `max_buffer_size` times the largest message.
+//!
 //! The mutex is never held across an `.await` and only for a push or a pop,
 //! so a std mutex is enough. Senders are many threads (every emit); the
 //! receiver is one task at a time (the websocket writer or the polling
@@ -26,6 +31,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use engineioxide_core::{Packet, PacketBuf};
 use futures_util::task::AtomicWaker;
 #[cfg(test)]
 use tokio::sync::mpsc::error::TryRecvError;
@@ -39,16 +45,37 @@ use tokio::sync::{
 /// wait.
 const FIRST_ALLOCATION: usize = 16;
 
-/// Creates a queue that holds at most `capacity` items, queued or reserved.
-pub(crate) fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+/// What an item weighs against the queue's byte bound.
+pub(crate) trait Weigh {
+    fn bytes(&self) -> usize;
+}
+
+impl Weigh for PacketBuf {
+    /// The bytes of the messages: what a slow client makes the server hold.
+    fn bytes(&self) -> usize {
+        self.iter()
+            .map(|packet| match packet {
+                Packet::Message(text) => text.len(),
+                Packet::Binary(data) => data.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Creates a queue that holds at most `capacity` items, queued or reserved,
+/// and takes no item once it holds `max_bytes` (see [`State::has_room`]).
+pub(crate) fn channel<T: Weigh>(capacity: usize, max_bytes: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
+            bytes: 0,
             reserved: 0,
             receiver_closed: false,
             sender_dropped: false,
         }),
         capacity,
+        max_bytes,
         receiver_waker: AtomicWaker::new(),
         closed: Notify::new(),
         room: Notify::new(),
@@ -81,6 +108,7 @@ pub(crate) struct Permit<'a, T> {
 struct Shared<T> {
     state: Mutex<State<T>>,
     capacity: usize,
+    max_bytes: usize,
     /// The receiver's task, woken by a push or by the sender going away.
     receiver_waker: AtomicWaker,
     /// Wakes [`Sender::closed`] when the receiver closes or is dropped.
@@ -95,6 +123,8 @@ struct Shared<T> {
 
 struct State<T> {
     queue: VecDeque<T>,
+    /// What the queued items weigh.
+    bytes: usize,
     /// Slots held by permits not yet used: they count against the capacity
     /// and keep the receiver waiting after [`Receiver::close`].
     reserved: usize,
@@ -120,9 +150,15 @@ impl<T> Shared<T> {
     }
 }
 
-impl<T> State<T> {
-    fn has_room(&self, capacity: usize) -> bool {
-        self.queue.len() + self.reserved < capacity
+impl<T: Weigh> State<T> {
+    /// Room for an item of `bytes` (0 for a reservation, whose item is not
+    /// known yet): under both bounds. An item larger than the byte bound
+    /// still goes into an empty queue, or it could never be sent; so the
+    /// queue holds at most `max_bytes` plus one item.
+    fn has_room(&self, shared: &Shared<T>, bytes: usize) -> bool {
+        self.queue.len() + self.reserved < shared.capacity
+            && self.bytes < shared.max_bytes
+            && (self.queue.is_empty() || self.bytes + bytes <= shared.max_bytes)
     }
 
     /// Queues `value`. The first push after the buffer was given back
@@ -135,7 +171,14 @@ impl<T> State<T> {
         if self.queue.capacity() == 0 {
             self.queue.reserve_exact(FIRST_ALLOCATION.min(capacity));
         }
+        self.bytes += value.bytes();
         self.queue.push_back(value);
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        let value = self.queue.pop_front()?;
+        self.bytes -= value.bytes();
+        Some(value)
     }
 
     /// Called when the receiver found the queue empty: gives the buffer back,
@@ -147,7 +190,7 @@ impl<T> State<T> {
     }
 }
 
-impl<T> Sender<T> {
+impl<T: Weigh> Sender<T> {
     /// Queues `value` now, or gives it back if the queue is full or closed.
     pub(crate) fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         {
@@ -155,7 +198,7 @@ impl<T> Sender<T> {
             if state.receiver_closed {
                 return Err(TrySendError::Closed(value));
             }
-            if !state.has_room(self.shared.capacity) {
+            if !state.has_room(&self.shared, value.bytes()) {
                 return Err(TrySendError::Full(value));
             }
             state.push(value, self.shared.capacity);
@@ -189,7 +232,7 @@ impl<T> Sender<T> {
         if state.receiver_closed {
             return Err(TrySendError::Closed(()));
         }
-        if !state.has_room(self.shared.capacity) {
+        if !state.has_room(&self.shared, 0) {
             return Err(TrySendError::Full(()));
         }
         state.reserved += 1;
@@ -243,7 +286,7 @@ impl<T> Drop for Sender<T> {
     }
 }
 
-impl<T> Permit<'_, T> {
+impl<T: Weigh> Permit<'_, T> {
     /// Fills the reserved slot. As with tokio's permits, this succeeds even
     /// if the receiver closed meanwhile: a closed receiver still drains what
     /// was queued or reserved before it closed.
@@ -267,7 +310,7 @@ impl<T> Drop for Permit<'_, T> {
     }
 }
 
-impl<T> Receiver<T> {
+impl<T: Weigh> Receiver<T> {
     /// The next item, or `None` once the sender is gone, or the receiver is
     /// closed, and everything queued or reserved has been received.
     ///
@@ -283,7 +326,7 @@ impl<T> Receiver<T> {
     /// and everything queued or reserved has been received.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut state = self.shared.lock();
-        if let Some(value) = state.queue.pop_front() {
+        if let Some(value) = state.pop() {
             drop(state);
             self.shared.wake_waiting_senders();
             return Poll::Ready(Some(value));
@@ -301,7 +344,7 @@ impl<T> Receiver<T> {
     #[cfg(test)]
     pub(crate) fn try_recv(&mut self) -> Result<T, TryRecvError> {
         let mut state = self.shared.lock();
-        if let Some(value) = state.queue.pop_front() {
+        if let Some(value) = state.pop() {
             drop(state);
             self.shared.wake_waiting_senders();
             return Ok(value);
@@ -354,9 +397,59 @@ mod tests {
 
     use super::*;
 
+    /// A test item weighs its value.
+    impl Weigh for i32 {
+        fn bytes(&self) -> usize {
+            *self as usize
+        }
+    }
+
+    impl Weigh for u8 {
+        fn bytes(&self) -> usize {
+            0
+        }
+    }
+
+    impl Weigh for u64 {
+        fn bytes(&self) -> usize {
+            0
+        }
+    }
+
+    impl Weigh for usize {
+        fn bytes(&self) -> usize {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_refuses_what_would_pass_it_but_not_an_item_alone() {
+        let (tx, mut rx) = channel(16, 100);
+        tx.try_send(60).unwrap();
+        assert!(matches!(tx.try_send(50), Err(TrySendError::Full(50))));
+        tx.try_send(40).unwrap();
+        // Full in bytes: no item, no reservation, however small.
+        assert!(matches!(tx.try_send(0), Err(TrySendError::Full(0))));
+        assert!(matches!(tx.try_reserve(), Err(TrySendError::Full(()))));
+        assert_eq!(rx.recv().await, Some(60));
+        assert_eq!(rx.recv().await, Some(40));
+        // An item larger than the bound goes into an empty queue, alone.
+        tx.try_send(500).unwrap();
+        assert!(matches!(tx.try_send(1), Err(TrySendError::Full(1))));
+        assert_eq!(rx.recv().await, Some(500));
+        // A reservation made under the bound may take it past.
+        tx.try_send(90).unwrap();
+        let permit = tx.try_reserve().unwrap();
+        permit.send(30);
+        assert!(matches!(tx.try_send(1), Err(TrySendError::Full(1))));
+        assert_eq!(rx.recv().await, Some(90));
+        assert_eq!(rx.recv().await, Some(30));
+        tx.try_send(100).unwrap();
+    }
+
     #[tokio::test]
     async fn items_arrive_in_order_and_the_bound_counts_permits() {
-        let (tx, mut rx) = channel(3);
+        let (tx, mut rx) = channel(3, usize::MAX);
         tx.try_send(1).unwrap();
         let permit = tx.try_reserve().unwrap();
         tx.try_send(3).unwrap();
@@ -373,7 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_waits_for_a_free_slot_or_the_close() {
-        let (tx, mut rx) = channel(1);
+        let (tx, mut rx) = channel(1, usize::MAX);
         let tx = Arc::new(tx);
         tx.try_send(1).unwrap();
         let waiting = tokio::spawn({
@@ -400,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_permit_gives_its_slot_back() {
-        let (tx, mut rx) = channel(1);
+        let (tx, mut rx) = channel(1, usize::MAX);
         drop(tx.try_reserve().unwrap());
         tx.try_send(1).unwrap();
         assert_eq!(rx.recv().await, Some(1));
@@ -408,7 +501,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_buffer_is_given_back_once_drained() {
-        let (tx, mut rx) = channel(256);
+        let (tx, mut rx) = channel(256, usize::MAX);
         for i in 0..100 {
             tx.try_send(i).unwrap();
         }
@@ -419,7 +512,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_push_makes_room_for_a_burst_within_the_bound() {
-        let (tx, mut rx) = channel(256);
+        let (tx, mut rx) = channel(256, usize::MAX);
         tx.try_send(0).unwrap();
         assert_eq!(rx.shared.lock().queue.capacity(), FIRST_ALLOCATION);
         for i in 1..FIRST_ALLOCATION {
@@ -430,14 +523,14 @@ mod tests {
         while rx.try_recv().is_ok() {}
         assert_eq!(rx.shared.lock().queue.capacity(), 0);
 
-        let (small, _rx) = channel(2);
+        let (small, _rx) = channel(2, usize::MAX);
         small.try_reserve().unwrap().send(0);
         assert_eq!(small.shared.lock().queue.capacity(), 2);
     }
 
     #[tokio::test]
     async fn the_receiver_wakes_for_an_item_sent_from_another_task() {
-        let (tx, mut rx) = channel(4);
+        let (tx, mut rx) = channel(4, usize::MAX);
         let sender = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             tx.try_send(7).unwrap();
@@ -450,7 +543,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_refuses_new_items_but_drains_queued_and_reserved_ones() {
-        let (tx, mut rx) = channel(4);
+        let (tx, mut rx) = channel(4, usize::MAX);
         tx.try_send(1).unwrap();
         let permit = tx.try_reserve().unwrap();
         rx.close();
@@ -466,7 +559,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_resolves_when_the_receiver_closes_or_goes() {
-        let (tx, mut rx) = channel::<u8>(4);
+        let (tx, mut rx) = channel::<u8>(4, usize::MAX);
         let waiting = tokio::spawn(async move {
             tx.closed().await;
             tx
@@ -480,7 +573,7 @@ mod tests {
             .unwrap();
         tx.closed().await;
 
-        let (tx, rx) = channel::<u8>(4);
+        let (tx, rx) = channel::<u8>(4, usize::MAX);
         let waiting = tokio::spawn(async move { tx.closed().await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(rx);
@@ -492,7 +585,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_item_is_lost_or_duplicated_under_concurrent_senders() {
-        let (tx, mut rx) = channel::<u64>(64);
+        let (tx, mut rx) = channel::<u64>(64, usize::MAX);
         let tx = Arc::new(tx);
         let senders: Vec<_> = (0..4u64)
             .map(|s| {

@@ -252,7 +252,8 @@ where
         close_fn: Box<dyn Fn(Sid, DisconnectReason) + Send + Sync>,
         supports_binary: bool,
     ) -> Self {
-        let (internal_tx, internal_rx) = queue::channel(config.max_buffer_size);
+        let (internal_tx, internal_rx) =
+            queue::channel(config.max_buffer_size, config.max_buffer_bytes);
 
         Self {
             id: Sid::new(),
@@ -511,7 +512,7 @@ where
         close_fn: Box<dyn Fn(Sid, DisconnectReason) + Send + Sync>,
         buffer_size: usize,
     ) -> (Arc<Socket<D>>, tokio::sync::mpsc::Receiver<Packet>) {
-        let (internal_tx, internal_rx) = queue::channel(buffer_size);
+        let (internal_tx, internal_rx) = queue::channel(buffer_size, usize::MAX);
 
         let sock = Self {
             id: sid,

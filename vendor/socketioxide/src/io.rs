@@ -204,6 +204,15 @@ impl<A: Adapter> SocketIoBuilder<A> {
         self
     }
 
+    /// The most bytes of messages buffered per socket: past it, as past
+    /// [`SocketIoBuilder::max_buffer_size`], an emit fails with a full
+    /// buffer. Defaults to no bound.
+    #[inline]
+    pub fn max_buffer_bytes(mut self, max_buffer_bytes: usize) -> Self {
+        self.engine_config_builder = self.engine_config_builder.max_buffer_bytes(max_buffer_bytes);
+        self
+    }
+
     /// The maximum size of a payload in bytes.
     /// If a payload is bigger than this value the `emit()` method will return an error.
     ///

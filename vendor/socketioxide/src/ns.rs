@@ -172,9 +172,10 @@ impl<A: Adapter> Namespace<A> {
         tracing::trace!(?socket.id, ?self.path, "socket added to namespace");
 
         let protocol = esocket.protocol.into();
+        let pid = socket.take_pid();
         let payload = ConnectAck {
             sid: socket.id,
-            pid: socket.pid(),
+            pid: pid.as_deref(),
         };
         let payload = match protocol {
             ProtocolVersion::V5 => Some(self.parser.encode_default(&payload).unwrap()),

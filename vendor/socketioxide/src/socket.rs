@@ -320,8 +320,9 @@ pub struct Socket<A: Adapter = LocalAdapter> {
     ack_counter: AtomicI64,
     connected: AtomicBool,
     /// The private session id of connection state recovery, sent in the
-    /// CONNECT acknowledgement when a connect middleware set it.
-    pid: std::sync::OnceLock<Box<str>>,
+    /// CONNECT acknowledgement when a connect middleware set it, and taken
+    /// then: an open socket does not keep it.
+    pid: std::sync::Mutex<Option<Box<str>>>,
     pub(crate) parser: Parser,
     /// The socket id
     pub id: Sid,
@@ -352,7 +353,7 @@ impl<A: Adapter> Socket<A> {
             ack_sweep_at: AtomicUsize::new(ACK_SWEEP_MIN),
             ack_counter: AtomicI64::new(0),
             connected: AtomicBool::new(false),
-            pid: std::sync::OnceLock::new(),
+            pid: std::sync::Mutex::new(None),
             parser,
             id: sid,
             #[cfg(feature = "extensions")]
@@ -563,15 +564,15 @@ impl<A: Adapter> Socket<A> {
 
     /// Sets the private session id (`pid`) of socket.io's connection state
     /// recovery, sent with the CONNECT acknowledgement as
-    /// `{"sid":…,"pid":…}`. Call it from a connect middleware; once set it
-    /// stays (a second call is ignored).
+    /// `{"sid":…,"pid":…}`. Call it from a connect middleware; the last call
+    /// wins.
     pub fn set_pid(&self, pid: impl Into<Box<str>>) {
-        let _ = self.pid.set(pid.into());
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid.into());
     }
 
-    /// The private session id set by [`Socket::set_pid`].
-    pub fn pid(&self) -> Option<&str> {
-        self.pid.get().map(|pid| &**pid)
+    /// Takes the pid for the CONNECT acknowledgement.
+    pub(crate) fn take_pid(&self) -> Option<Box<str>> {
+        self.pid.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Sends an event encoded by [`Socket::encode_event`]: as [`Socket::emit`],

@@ -75,10 +75,12 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     let upgrade = hyper::upgrade::on(&mut req);
     let mut parts = req.into_parts().0;
     // The socket keeps the head for its whole life: without the upgrade's
-    // handle, an extension map left empty gives its table back.
+    // handle, an extension map left empty gives its table back, and the
+    // key, answered below, is not kept.
     if parts.extensions.is_empty() {
         parts.extensions = http::Extensions::new();
     }
+    parts.headers = without_key(std::mem::take(&mut parts.headers));
     let parts = Box::new(parts);
     tokio::spawn(async move {
         let session = match upgrade.await {
@@ -87,7 +89,13 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
                 hyper_util::rt::TokioIo::new(conn),
                 protocol,
                 sid,
-                *parts,
+                // Moved out of its box in a scope of its own: a box moved
+                // out of is freed when its variable goes out of scope, here
+                // at once rather than at the end of the session.
+                {
+                    let parts = parts;
+                    *parts
+                },
             ),
             Err(_e) => {
                 #[cfg(feature = "tracing")]
@@ -113,6 +121,30 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     });
 
     Ok(ws_response(&ws_key))
+}
+
+/// `headers` without `Sec-WebSocket-Key`, in a map just big enough for the
+/// rest (a removal alone would keep the map's capacity).
+fn without_key(headers: http::HeaderMap) -> http::HeaderMap {
+    let key = headers
+        .get_all(http::header::SEC_WEBSOCKET_KEY)
+        .iter()
+        .count();
+    let kept = headers.len() - key;
+    let mut rest = http::HeaderMap::with_capacity(kept);
+    let mut name = None;
+    for (key, value) in headers {
+        // `into_iter` names a header once, before the first of its values.
+        if key.is_some() {
+            name = key;
+        }
+        if let Some(name) = &name
+            && name != http::header::SEC_WEBSOCKET_KEY
+        {
+            rest.append(name.clone(), value);
+        }
+    }
+    rest
 }
 
 /// Handle a websocket connection upgrade
@@ -626,6 +658,25 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_kept_head_has_no_websocket_key_and_every_other_header() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::SEC_WEBSOCKET_KEY,
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        headers.insert("x-request-id", "req-1".parse().unwrap());
+        headers.append("x-twice", "1".parse().unwrap());
+        headers.append("x-twice", "2".parse().unwrap());
+        let rest = without_key(headers);
+        assert!(!rest.contains_key(http::header::SEC_WEBSOCKET_KEY));
+        assert_eq!(rest["x-request-id"], "req-1");
+        let twice: Vec<_> = rest.get_all("x-twice").iter().collect();
+        assert_eq!(twice, ["1", "2"]);
+        assert_eq!(rest.len(), 3);
+        assert!(without_key(http::HeaderMap::new()).is_empty());
+    }
 
     /// Echoes every message back to its socket.
     #[derive(Debug)]
