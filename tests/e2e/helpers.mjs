@@ -49,7 +49,7 @@ export async function startNode(extraEnv = {}) {
     url,
     child,
     async stop() {
-      if (child.exitCode !== null) return;
+      if (child.exitCode !== null || child.signalCode !== null) return;
       const exited = new Promise((resolve) => child.on("exit", resolve));
       child.kill("SIGTERM");
       await exited;
@@ -158,7 +158,7 @@ async function spawnReady(cmd, args, env, ready, what) {
   return {
     child,
     async stop() {
-      if (child.exitCode !== null) return;
+      if (child.exitCode !== null || child.signalCode !== null) return;
       const exited = new Promise((resolve) => child.on("exit", resolve));
       child.kill("SIGKILL");
       await exited;
