@@ -605,17 +605,34 @@ impl Env<'_> {
     }
 
     fn redis(&self) -> Result<Option<RedisSettings>, ConfigError> {
-        let Some(urls) = self.list("CHANNELS_REDIS_URL") else {
-            return Ok(None);
+        let sentinel = self
+            .get("CHANNELS_REDIS_URL")
+            .filter(|url| url.trim().starts_with(crate::bus::SENTINEL_SCHEME));
+        let urls = match sentinel {
+            // One URL whose host list is comma-separated.
+            Some(url) => {
+                crate::bus::SentinelUrl::parse(url.trim()).map_err(|reason| {
+                    ConfigError::Invalid {
+                        var: "CHANNELS_REDIS_URL",
+                        reason,
+                    }
+                })?;
+                vec![url.trim().to_string()]
+            }
+            None => match self.list("CHANNELS_REDIS_URL") {
+                Some(urls) => urls,
+                None => return Ok(None),
+            },
         };
-        if let Some(bad) = urls
-            .iter()
-            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-        {
+        if let Some(bad) = urls.iter().find(|u| {
+            !(u.starts_with("redis://")
+                || u.starts_with("rediss://")
+                || u.starts_with(crate::bus::SENTINEL_SCHEME))
+        }) {
             return Err(ConfigError::Invalid {
                 var: "CHANNELS_REDIS_URL",
                 reason: format!(
-                    "{:?} is not a redis:// or rediss:// URL",
+                    "{:?} is not a redis://, rediss:// or redis+sentinel:// URL",
                     bad.split('@').next_back().unwrap_or_default()
                 ),
             });
@@ -630,6 +647,12 @@ impl Env<'_> {
                 });
             }
         };
+        if cluster && sentinel.is_some() {
+            return Err(ConfigError::Invalid {
+                var: "CHANNELS_REDIS_CLUSTER",
+                reason: "a Redis Cluster is not found through Sentinel".into(),
+            });
+        }
         if urls.len() > 1 && !cluster {
             return Err(ConfigError::Invalid {
                 var: "CHANNELS_REDIS_URL",

@@ -267,9 +267,14 @@ impl Member {
     ) -> Option<Session> {
         let outcome = async {
             let session = session.ok_or(NotRecoverable::BadPid)?;
+            // Never before the session began: socket.io's client keeps the
+            // last offset it received across sessions, so a session that
+            // received nothing yet comes back with its predecessor's.
             let after = match &returning.offset {
                 None => session.start,
-                Some(raw) => recovery::parse_offset(raw).ok_or(NotRecoverable::BadPid)?,
+                Some(raw) => recovery::parse_offset(raw)
+                    .ok_or(NotRecoverable::BadPid)?
+                    .max(session.start),
             };
             let recovering = Recovering {
                 session,

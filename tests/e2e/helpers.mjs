@@ -189,6 +189,79 @@ export async function startRedis(port) {
 }
 
 /**
+ * A master, a replica and three Sentinels watching them (quorum 2, the
+ * master judged down after 1 s), on free ports; `env` is what a node needs
+ * to find the master through the Sentinels, `killMaster()` SIGKILLs it.
+ */
+export async function startRedisSentinel() {
+  const { execFileSync } = await import("node:child_process");
+  const { mkdtempSync, writeFileSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const cli = (port, ...args) => {
+    try {
+      return execFileSync("redis-cli", ["-p", String(port), ...args]).toString();
+    } catch {
+      return "";
+    }
+  };
+  const master = await startRedis();
+  const replicaPort = await freePort();
+  const replica = await spawnReady(
+    "redis-server",
+    ["--port", String(replicaPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      "--replicaof", "127.0.0.1", String(master.port)],
+    {},
+    async () => cli(replicaPort, "INFO", "replication").includes("master_link_status:up"),
+    "replica",
+  );
+  const dir = mkdtempSync(join(tmpdir(), "channels-sentinel-"));
+  const sentinelPorts = [await freePort(), await freePort(), await freePort()];
+  const sentinels = [];
+  for (const port of sentinelPorts) {
+    const config = join(dir, `sentinel-${port}.conf`);
+    writeFileSync(
+      config,
+      [
+        `port ${port}`,
+        "bind 127.0.0.1",
+        `dir ${dir}`,
+        `sentinel monitor mymaster 127.0.0.1 ${master.port} 2`,
+        "sentinel down-after-milliseconds mymaster 1000",
+        "sentinel failover-timeout mymaster 5000",
+        "",
+      ].join("\n"),
+    );
+    sentinels.push(
+      await spawnReady("redis-server", [config, "--sentinel"], {}, async () => cli(port, "PING").trim() === "PONG", "sentinel"),
+    );
+  }
+  // Ready for a failover once every Sentinel knows the replica and the others.
+  const deadline = Date.now() + 20_000;
+  for (const port of sentinelPorts) {
+    while (
+      !(cli(port, "SENTINEL", "replicas", "mymaster").includes(String(replicaPort)) &&
+        cli(port, "SENTINEL", "sentinels", "mymaster").split("\n").filter((l) => l === "runid").length === 2)
+    ) {
+      if (Date.now() > deadline) throw new Error("the Sentinels did not find each other in 20 s");
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+  const hosts = sentinelPorts.map((port) => `127.0.0.1:${port}`).join(",");
+  return {
+    env: { CHANNELS_REDIS_URL: `redis+sentinel://${hosts}/mymaster` },
+    killMaster: () => master.stop(),
+    /** The port of the master the Sentinels name now. */
+    masterPort: () => Number(cli(sentinelPorts[0], "SENTINEL", "get-master-addr-by-name", "mymaster").split("\n")[1]),
+    async stop() {
+      for (const sentinel of sentinels) await sentinel.stop();
+      await replica.stop();
+      await master.stop();
+    },
+  };
+}
+
+/**
  * A Redis Cluster of three masters on free ports, built with
  * `redis-cli --cluster create`; `env` is what a node needs to use it.
  */

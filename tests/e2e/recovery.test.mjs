@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { io } from "socket.io-client";
-import { notify, startNode, startProxy, startRedis, startRedisCluster, wsToken } from "./helpers.mjs";
+import { notify, startNode, startProxy, startRedis, startRedisCluster, startRedisSentinel, wsToken } from "./helpers.mjs";
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -326,5 +326,43 @@ test("Redis down at reconnect: a fresh session, which works once Redis is back",
   } finally {
     await proxy.close();
     await node.stop();
+  }
+});
+
+test("a Sentinel failover: 503 without a master, then served again; a session from before is not replayed in part", async () => {
+  const redis = await startRedisSentinel();
+  const node = await readyNode(redis);
+  const proxy = await startProxy(node);
+  try {
+    const before = redis.masterPort();
+    const mia = await frontend(proxy, node, "mia", "admin", ["websocket"]);
+    const noa = await frontend(node, node, "noa", "admin", ["websocket"]);
+    await post(node, { msg: "first", channel: "admin" });
+    await exactly(mia, ["first"]);
+    await drop(proxy, [mia]);
+    await redis.killMaster();
+    await waitFor(async () => (await notify(node, { msg: "nowhere", channel: "admin" })).status === 503, 5000, "503");
+    await waitFor(async () => (await fetch(`${node.url}/readyz`)).status === 200, 30_000, "served again");
+    assert.notEqual(redis.masterPort(), before, "the Sentinels promoted the replica");
+    await post(node, { msg: "missed", channel: "admin" });
+    // A socket that stayed on its node receives what is posted now.
+    await exactly(noa, ["first", "missed"]);
+    // Mia's offset is from before the failover: the promoted replica may
+    // lack the old master's last writes, so she is not recovered.
+    await back(proxy, [mia], 2);
+    assert.deepEqual(mia.recoveries, [false, false]);
+    await exactly(mia, ["first"]);
+    // A session that began after it recovers.
+    await drop(proxy, [mia]);
+    await post(node, { msg: "missed again", channel: "admin" });
+    await back(proxy, [mia], 3);
+    assert.deepEqual(mia.recoveries, [false, false, true]);
+    await exactly(mia, ["first", "missed again"]);
+    mia.close();
+    noa.close();
+  } finally {
+    await proxy.close();
+    await node.stop();
+    await redis.stop();
   }
 });

@@ -19,8 +19,20 @@
 //! * **Heartbeats** `{prefix}:n:{node}`: `"<ms>"` every second, `"<ms>
 //!   stopped"` at a graceful shutdown, kept for the retention, so a session
 //!   whose node died without writing its end can still be judged.
-//! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat and
-//!   both of its streams after the offset in one round trip.
+//! * **The history's epoch** `{prefix}:epoch`: the first offset of the
+//!   history as it is now, and `{prefix}:master`, the replication id of
+//!   the Redis that holds it. A replica promoted by a failover may lack the
+//!   last writes of its master (replication is asynchronous): the numbers
+//!   it hands out next could repeat offsets that clients already hold, and
+//!   a history read could miss what was lost. So when a node connects to a
+//!   Redis whose replication id is not the recorded one ([`EPOCH_SCRIPT`]:
+//!   a promoted replica, or a Redis restarted without its data), the
+//!   sequence jumps past every offset handed out before (to Redis's clock
+//!   in ms × 1000, as a new sequence starts) and the epoch starts there;
+//!   an offset from before the epoch is not recovered: the socket gets a
+//!   fresh session (`recovered` false), never a partial replay.
+//! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat,
+//!   the epoch and both of its streams after the offset in one round trip.
 //!
 //! On a Redis Cluster every key and topic carries the hash tag `{prefix}`
 //! (see `super::key_prefix`): one slot, which the script reaches whole.
@@ -55,15 +67,41 @@ return {seq, receivers}
     )
 });
 
-/// KEYS: session record, origin heartbeat, channel stream, user stream.
-/// ARGV: the offset after which to read, the most entries per stream.
-/// Returns the record, the heartbeat, then per stream its entries ever
-/// added, its length, its first id and its entries after the offset.
+/// See the module documentation. KEYS: the recorded replication id, the
+/// sequence, the epoch. ARGV: the replication id of the Redis connected
+/// to, or `""` not to check it (a Redis Cluster). Returns 1 when a new
+/// epoch began (else 0), and the sequence's current value.
+pub static EPOCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local began = 0
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local base = ms * 1000
+  local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if seq >= base then base = seq + 1 end
+  local text = string.format('%.0f', base)
+  redis.call('SET', KEYS[2], text)
+  redis.call('SET', KEYS[3], text)
+  redis.call('SET', KEYS[1], ARGV[1])
+  began = 1
+end
+return { began, redis.call('GET', KEYS[2]) or '0' }
+",
+    )
+});
+
+/// KEYS: session record, origin heartbeat, epoch, channel stream, user
+/// stream. ARGV: the offset after which to read, the most entries per
+/// stream. Returns the record, the heartbeat, the epoch, then per stream
+/// its entries ever added, its length, its first id and its entries after
+/// the offset.
 pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local out = { redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) }
-for i = 3, 4 do
+local out = { redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3]) }
+for i = 4, 5 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     local info = redis.call('XINFO', 'STREAM', KEYS[i])
     local fields = {}
@@ -103,6 +141,12 @@ impl Keys<'_> {
     pub fn idempotency(&self, key: &crate::idempotency::IdempotencyKey) -> String {
         format!("{}:i:{}", self.0, key.digest())
     }
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.0)
+    }
+    pub fn master(&self) -> String {
+        format!("{}:master", self.0)
+    }
     pub fn heartbeat(&self, node: NodeId) -> String {
         format!("{}:n:{:016x}", self.0, node.0)
     }
@@ -137,9 +181,15 @@ pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverRe
     let Value::Array(parts) = value else {
         return None;
     };
-    let [record, heartbeat, streams @ ..] = parts.as_slice() else {
+    let [record, heartbeat, epoch, streams @ ..] = parts.as_slice() else {
         return None;
     };
+    // An offset from before the epoch may have lost what followed it.
+    let epoch: Offset = match text(epoch) {
+        None => 0,
+        Some(epoch) => epoch.parse().ok()?,
+    };
+    let lost = recovering.after < epoch;
     let ended = match text(record) {
         None => None,
         Some("closed") => Some(Ended::Closed),
@@ -168,7 +218,7 @@ pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverRe
         // Trimming drops the oldest entries, all of them before `first`:
         // something after the offset may be gone only if `first` is
         // beyond the entry right after the offset.
-        let trimmed_after = added > length && first.saturating_sub(1) > recovering.after;
+        let trimmed_after = lost || (added > length && first.saturating_sub(1) > recovering.after);
         let Value::Array(entries) = entries else {
             return None;
         };

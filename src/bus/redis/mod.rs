@@ -60,6 +60,7 @@ use crate::{
     recovery::{self, Ended, NODE_DEAD_AFTER, NodeId, NotRecoverable, Offset, Origin, Session},
 };
 
+pub use connection::{SENTINEL_SCHEME, SentinelUrl};
 pub use requests::ASK_TIMEOUT;
 pub use topics::UNSUBSCRIBE_DELAY;
 
@@ -418,6 +419,7 @@ impl RedisBus {
         invocation
             .key(keys.session(&recovering.session))
             .key(keys.heartbeat(recovering.session.origin))
+            .key(keys.epoch())
             .key(keys.stream(&channel_stream))
             .key(keys.stream(&user_stream))
             .arg(recovering.after)

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Shared,
     connection::{Connection, Connector, PushHandler},
-    history::split_message,
+    history::{EPOCH_SCRIPT, Keys, split_message},
     parse_takeover,
     publisher::beat,
     requests::{
@@ -176,9 +176,10 @@ impl Subscriber {
         let needed = self.topics.resubscribe_set();
         let attempt = async {
             let mut publisher = self.connector.connect(None).await?;
-            // Alive in Redis before ready: a pid this node hands out from
-            // now on can be judged by any node (see `recovery::check_window`).
             if self.shared.recovery.is_some() {
+                check_epoch(&self.shared, &mut publisher).await?;
+                // Alive in Redis before ready: a pid this node hands out from
+                // now on can be judged by any node (see `recovery::check_window`).
                 publisher.query::<()>(&beat(&self.shared, false)).await?;
             }
             // Revocations made while this node was away or not yet started.
@@ -280,4 +281,43 @@ impl Subscriber {
             .bus_subscriptions
             .set(self.topics.subscribed() as i64);
     }
+}
+
+/// Begins a new epoch of the recovery history when the Redis connected to
+/// is not the one it was written on (`history`, "The history's epoch"),
+/// and moves this node's position to the sequence's current value, so a
+/// session that begins before the node has seen a notification starts
+/// there, not before everything in the history. On a Redis Cluster, which
+/// has a replication id per shard, the position only.
+async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::RedisResult<()> {
+    let replication_id = match connection {
+        Connection::Single(_) => {
+            let info: String = connection
+                .query(redis::cmd("INFO").arg("replication"))
+                .await?;
+            info.lines()
+                .find_map(|line| line.strip_prefix("master_replid:"))
+                .map(|id| id.trim().to_string())
+                .unwrap_or_default()
+        }
+        Connection::Cluster(_) => String::new(),
+    };
+    let keys = Keys(&shared.prefix);
+    let mut invocation = EPOCH_SCRIPT.prepare_invoke();
+    invocation
+        .key(keys.master())
+        .key(keys.sequence())
+        .key(keys.epoch())
+        .arg(replication_id);
+    let (began, sequence): (i64, String) = connection.invoke(&invocation).await?;
+    if began == 1 {
+        tracing::info!(
+            "the recovery history begins a new epoch on this Redis (new, promoted by a \
+             failover, or restarted without its data): sessions from before are not recovered"
+        );
+    }
+    if let Ok(sequence) = sequence.parse() {
+        shared.position.fetch_max(sequence, Ordering::AcqRel);
+    }
+    Ok(())
 }
