@@ -5,6 +5,7 @@
 //! `loadtest compare` runs every scenario against both servers, alternating
 //! them round by round, and prints a table of medians and ratios.
 
+mod chaos;
 mod client;
 mod poster;
 mod report;
@@ -85,6 +86,9 @@ enum Scenario {
     Cluster,
     /// Recovery: a socket that missed `--notifies` gets them on return.
     Replay,
+    /// The rolling-restart drill: about `--connections` clients over three
+    /// nodes restarted in turn, then one SIGKILLed (channels only).
+    Chaos,
 }
 
 impl Scenario {
@@ -102,6 +106,7 @@ impl Scenario {
             Scenario::Targeted => scenarios::targeted(kind, programs, sizes, 1).await,
             Scenario::Cluster => scenarios::targeted(kind, programs, sizes, 2).await,
             Scenario::Replay => scenarios::replay(kind, programs, sizes).await,
+            Scenario::Chaos => chaos::chaos(kind, programs, sizes).await,
         }
     }
 
@@ -110,6 +115,8 @@ impl Scenario {
         let connections = match (self, quick) {
             (_, true) => 50,
             (Scenario::Idle, false) => idle_connections,
+            // The drill's 300 official clients, in one Node process.
+            (Scenario::Chaos, false) => 300,
             _ => 2000,
         };
         Sizes {
@@ -141,6 +148,11 @@ impl Scenario {
                 ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
                 ("cores busy: server", |r| r.server_cores),
                 ("cores busy: generator", |r| r.generator_cores),
+            ],
+            Scenario::Chaos => vec![
+                ("deliveries expected", |r| r.expected as f64),
+                ("lost", |r| r.lost as f64),
+                ("out of order", |r| r.out_of_order as f64),
             ],
             Scenario::Replay => vec![
                 ("replay p50 ms", |r| r.p50_ms),

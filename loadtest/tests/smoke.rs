@@ -114,3 +114,19 @@ fn a_long_run_reports_its_progress_while_posting() {
         "part way through ({progress:?} of {total}):\n{stderr}"
     );
 }
+
+#[test]
+fn the_chaos_drill_reports_its_counts_and_loses_nothing() {
+    let (stdout, _) = loadtest(&["run", "chaos", "--connections", "30"]);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .expect("a RESULT line");
+    let r: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(r["scenario"], "chaos", "{r}");
+    assert_eq!(r["connections"], 30, "{r}");
+    assert!(r["notifies"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["out_of_order"], 0, "{r}");
+    assert_eq!(r["received"], r["expected"], "{r}");
+}
