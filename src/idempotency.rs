@@ -7,9 +7,13 @@
 //! told the call is in progress (`409`) or, once it is done, gets its
 //! answer. A claim records the call's fingerprint (its target and message,
 //! not its API key), so the same key with another body is refused (`422`).
-//! After the publish the claim is **completed** with the answer; a publish
-//! that failed **releases** it, so a `503` is never kept and a retry is a
-//! first call.
+//! The claim is **completed** with the answer: on a Redis bus with
+//! recovery on by the publish script, in the same step as the publish (the
+//! notification carries its claim, [`Claimed`]), so a node that dies after
+//! publishing leaves the answer; otherwise after the publish. A publish
+//! that failed **releases** the claim, so a `503` is never kept and a retry
+//! is a first call (unless Redis executed the script: then it has the
+//! answer).
 //!
 //! Where claims live: in Redis on a cluster (`bus::redis`: one `SET NX GET`
 //! per claim, the answer kept for the window), in this process standalone
@@ -30,9 +34,10 @@ use sha2::{Digest, Sha256};
 use crate::notification::Target;
 
 /// How long a claim stays "in progress" in Redis without being completed or
-/// released: the node that holds it died between its claim and its answer.
-/// A retry after it is a first call (and may deliver a second time: the
-/// publish may have gone out before the node died).
+/// released: the node that holds it died before it completed it. A retry
+/// after it is a first call: with recovery on the node had not published
+/// (the script completes the claim as it publishes); with recovery off it
+/// may have, and the retry then delivers a second time.
 pub const PENDING_TTL: Duration = Duration::from_secs(10);
 
 /// An `Idempotency-Key` header: 1 to 200 visible ASCII characters.
@@ -77,6 +82,14 @@ pub fn fingerprint(target: &Target, msg: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A key claimed by a first call, carried with its notification to the bus
+/// (`Notification::claimed`).
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub key: IdempotencyKey,
+    pub fingerprint: String,
 }
 
 /// The answer of a first call, as a repeat gets it back.

@@ -142,6 +142,11 @@ pub struct Notification {
     /// sockets it wrote it to. Absent (and not on the wire) otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<Receipt>,
+    /// The `Idempotency-Key` this call claimed, for a bus that keeps the
+    /// call's answer in the same step as the publish (a Redis bus with
+    /// recovery on). Never on the wire.
+    #[serde(skip)]
+    pub claimed: Option<crate::idempotency::Claimed>,
 }
 
 /// The node that asked for a delivery receipt, and its request's id.
@@ -159,6 +164,7 @@ impl Notification {
             msg,
             accepted_at_us: now_us(),
             receipt: None,
+            claimed: None,
         }
     }
 }

@@ -32,7 +32,7 @@ use super::{
     notify::{api_key, check_depth, header_key, idempotency_key, is_json, parse_body, read_body},
 };
 use crate::{
-    idempotency::{self, Answer, Claim},
+    idempotency::{self, Answer, Claim, Claimed},
     notification::{Notification, Target},
 };
 
@@ -171,9 +171,13 @@ async fn accept(
                     _ => None,
                 })
                 .collect();
-            for (i, call) in calls.into_iter().enumerate() {
+            for (i, (target, msg)) in calls.into_iter().enumerate() {
                 if answers[i].is_none() {
-                    to_publish.push(call);
+                    let claimed = Claimed {
+                        key: keys[i].clone(),
+                        fingerprint: fingerprints[i].clone(),
+                    };
+                    to_publish.push((target, msg, Some(claimed)));
                 }
             }
             let published = publish_each(state, to_publish).await;
@@ -209,21 +213,26 @@ async fn publish_all(
     state: &AppState,
     calls: Vec<(Target, Box<RawValue>)>,
 ) -> Result<Vec<Answer>, ApiError> {
-    publish_each(state, calls)
+    let calls = calls.into_iter().map(|(target, msg)| (target, msg, None));
+    publish_each(state, calls.collect())
         .await
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|_| part_way())
 }
 
-/// Publishes every call, in order; each one's outcome.
+/// Publishes every call, in order, each with the key it claimed if any;
+/// each one's outcome.
 async fn publish_each(
     state: &AppState,
-    calls: Vec<(Target, Box<RawValue>)>,
+    calls: Vec<(Target, Box<RawValue>, Option<Claimed>)>,
 ) -> Vec<Result<Answer, ()>> {
     let notifications: Vec<Notification> = calls
         .into_iter()
-        .map(|(target, msg)| Notification::new(target, msg))
+        .map(|(target, msg, claimed)| Notification {
+            claimed,
+            ..Notification::new(target, msg)
+        })
         .collect();
     let answers: Vec<Answer> = notifications
         .iter()

@@ -28,7 +28,7 @@ use serde_json::{Value, json, value::RawValue};
 use super::{AppState, ClientAddr, error::ApiError};
 use crate::{
     bus::Gathered,
-    idempotency::{self, Answer, Claim, IdempotencyKey},
+    idempotency::{self, Answer, Claim, Claimed, IdempotencyKey},
     limits::nested_deeper_than,
     notification::{Channel, KeycloakId, Notification, Target},
 };
@@ -119,7 +119,7 @@ async fn accept(
 
     let idempotency_key = idempotency_key(headers)?;
     let Some(key) = idempotency_key else {
-        let (answer, gathered) = publish(state, target, msg, receipt).await?;
+        let (answer, gathered) = publish(state, Notification::new(target, msg), receipt).await?;
         return Ok((answer, false, gathered));
     };
     let fingerprint = idempotency::fingerprint(&target, msg.get());
@@ -130,16 +130,25 @@ async fn accept(
         .await
         .map_err(unavailable)?
     {
-        Claim::First => match publish(state, target, msg, receipt).await {
-            Ok((answer, gathered)) => {
-                state.bus.complete(&key, &fingerprint, &answer).await;
-                Ok((answer, false, gathered))
+        Claim::First => {
+            let notification = Notification {
+                claimed: Some(Claimed {
+                    key: key.clone(),
+                    fingerprint: fingerprint.clone(),
+                }),
+                ..Notification::new(target, msg)
+            };
+            match publish(state, notification, receipt).await {
+                Ok((answer, gathered)) => {
+                    state.bus.complete(&key, &fingerprint, &answer).await;
+                    Ok((answer, false, gathered))
+                }
+                Err(e) => {
+                    state.bus.release(&key, &fingerprint).await;
+                    Err(e)
+                }
             }
-            Err(e) => {
-                state.bus.release(&key, &fingerprint).await;
-                Err(e)
-            }
-        },
+        }
         // A replay has no receipt: nothing was written this time.
         Claim::Replay(answer) => Ok((answer, true, None)),
         Claim::InProgress => Err(ApiError::Conflict),
@@ -194,11 +203,9 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyK
 /// Publishes a validated call; its answer.
 async fn publish(
     state: &AppState,
-    target: Target,
-    msg: Box<RawValue>,
+    notification: Notification,
     receipt: bool,
 ) -> Result<(Answer, Option<Gathered>), ApiError> {
-    let notification = Notification::new(target, msg);
     let answer = Answer {
         id: notification.id.clone(),
         variant: notification.target.variant(),

@@ -46,10 +46,12 @@ use crate::{
     recovery::{Ended, NodeId, Offset, Origin, Session},
 };
 
-/// See the module documentation. KEYS: sequence, stream. ARGV: topic,
-/// payload, max entries, retention in ms, the publish command (`PUBLISH`,
-/// or `SPUBLISH` on a Redis Cluster). Returns the offset and how many
-/// subscribers (nodes) received the message.
+/// See the module documentation. KEYS: sequence, stream, and for a call
+/// with an `Idempotency-Key` its record. ARGV: topic, payload, max entries,
+/// retention in ms, the publish command (`PUBLISH`, or `SPUBLISH` on a
+/// Redis Cluster), and with the record its value and lifetime in ms.
+/// Returns the offset and how many subscribers (nodes) received the
+/// message.
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -61,6 +63,9 @@ end
 local seq = string.format('%.0f', redis.call('INCR', KEYS[1]))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'n', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
+end
 local receivers = redis.call(ARGV[5], ARGV[1], seq .. ' ' .. ARGV[2])
 return {seq, receivers}
 ",

@@ -56,16 +56,23 @@ impl RedisBus {
         })
     }
 
-    /// Keeps the answer for the window. A failure is logged: the claim then
-    /// expires after [`PENDING_TTL`], and a retry after that delivers again.
+    /// Keeps the answer for the window, unless the publish script already
+    /// kept it (recovery on: [`super::history::PUBLISH_SCRIPT`] writes it in
+    /// the same step as the publish, so a node that dies between the two
+    /// leaves no claim "in progress" to expire and be published again). A
+    /// failure is logged: the claim then expires after [`PENDING_TTL`], and
+    /// a retry after that delivers again.
     pub async fn complete(&self, key: &IdempotencyKey, fingerprint: &str, answer: &Answer) {
+        if self.shared.recovery.is_some() {
+            return;
+        }
         let Some(mut connection) = self.shared.connection().0 else {
             return;
         };
         let mut command = redis::cmd("SET");
         command
             .arg(Keys(&self.shared.prefix).idempotency(key))
-            .arg(format!("d {fingerprint} {}", answer.encode()))
+            .arg(done_value(fingerprint, answer))
             .arg("PX")
             .arg(self.shared.idempotency_window.as_millis() as u64);
         if let Err(e) = connection.query::<()>(&command).await {
@@ -87,4 +94,9 @@ impl RedisBus {
             tracing::warn!(error = %e, "idempotency claim not released in Redis");
         }
     }
+}
+
+/// The record of a completed call: `"d <fingerprint> <id> <variant>"`.
+pub fn done_value(fingerprint: &str, answer: &Answer) -> String {
+    format!("d {fingerprint} {}", answer.encode())
 }

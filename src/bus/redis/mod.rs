@@ -289,10 +289,25 @@ impl RedisBus {
             .recovery
             .map(|_| Keys(prefix).stream(&StreamKey::of(&notification.target)));
         let payload = serde_json::to_vec(&notification).expect("a Notification serialises");
+        // The call's answer, kept by the publish script (see `complete`).
+        let record = match (&stream, &notification.claimed) {
+            (Some(_), Some(claimed)) => {
+                let answer = crate::idempotency::Answer {
+                    id: notification.id.clone(),
+                    variant: notification.target.variant(),
+                };
+                Some((
+                    Keys(prefix).idempotency(&claimed.key),
+                    idempotency::done_value(&claimed.fingerprint, &answer),
+                ))
+            }
+            _ => None,
+        };
         Publish {
             topic,
             stream,
             payload,
+            record,
         }
     }
 

@@ -54,6 +54,40 @@ pub struct Publish {
     /// Its history stream; `None` when recovery is off.
     pub stream: Option<String>,
     pub payload: Vec<u8>,
+    /// With recovery on and an `Idempotency-Key`: the key's record and its
+    /// value, written by the publish script.
+    pub record: Option<(String, String)>,
+}
+
+impl Publish {
+    /// The publish script's call for this item (recovery on).
+    fn invocation<'a>(
+        &'a self,
+        shared: &Shared,
+        stream: &'a str,
+        publish_command: &'static str,
+    ) -> redis::ScriptInvocation<'static> {
+        let retention = shared
+            .recovery
+            .map_or(0, |r| r.retention.as_millis() as u64);
+        let max = shared.recovery.map_or(0, |r| r.max_missed);
+        let mut invocation = PUBLISH_SCRIPT.prepare_invoke();
+        invocation
+            .key(Keys(&shared.prefix).sequence())
+            .key(stream)
+            .arg(&self.topic)
+            .arg(&self.payload)
+            .arg(max)
+            .arg(retention)
+            .arg(publish_command);
+        if let Some((key, value)) = &self.record {
+            invocation
+                .key(key)
+                .arg(value)
+                .arg(shared.idempotency_window.as_millis() as u64);
+        }
+        invocation
+    }
 }
 
 pub struct Publisher;
@@ -126,28 +160,9 @@ impl Publisher {
             return;
         }
         let (result, done) = match job {
-            Job::Publish {
-                item:
-                    Publish {
-                        topic,
-                        stream: Some(stream),
-                        payload,
-                    },
-                done,
-            } => {
-                let retention = shared
-                    .recovery
-                    .map_or(0, |r| r.retention.as_millis() as u64);
-                let max = shared.recovery.map_or(0, |r| r.max_missed);
-                let mut invocation = PUBLISH_SCRIPT.prepare_invoke();
-                invocation
-                    .key(Keys(&shared.prefix).sequence())
-                    .key(stream)
-                    .arg(topic)
-                    .arg(payload)
-                    .arg(max)
-                    .arg(retention)
-                    .arg(connection.publish_command());
+            Job::Publish { item, done } if item.stream.is_some() => {
+                let stream = item.stream.as_deref().expect("checked above");
+                let invocation = item.invocation(shared, stream, connection.publish_command());
                 let result = connection.invoke::<(u64, i64)>(&invocation).await.map(
                     |(offset, receivers)| {
                         shared.position.fetch_max(offset, Ordering::AcqRel);
@@ -157,12 +172,9 @@ impl Publisher {
                 (result, Some(done))
             }
             Job::Publish {
-                item:
-                    Publish {
-                        topic,
-                        stream: None,
-                        mut payload,
-                    },
+                item: Publish {
+                    topic, mut payload, ..
+                },
                 done,
             } => {
                 // Recovery off: no sequence, every message at offset 0.
@@ -204,12 +216,7 @@ impl Publisher {
         generation: u64,
         items: &[Publish],
     ) -> Vec<Result<(), BusError>> {
-        let retention = shared
-            .recovery
-            .map_or(0, |r| r.retention.as_millis() as u64);
-        let max = shared.recovery.map_or(0, |r| r.max_missed);
         let publish = connection.publish_command();
-        let sequence = Keys(&shared.prefix).sequence();
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors();
         let scripted = items.iter().any(|item| item.stream.is_some());
@@ -219,16 +226,7 @@ impl Publisher {
         let mut invocations = Vec::new();
         for item in items {
             if let Some(stream) = &item.stream {
-                let mut invocation = PUBLISH_SCRIPT.prepare_invoke();
-                invocation
-                    .key(&sequence)
-                    .key(stream)
-                    .arg(&item.topic)
-                    .arg(&item.payload)
-                    .arg(max)
-                    .arg(retention)
-                    .arg(publish);
-                invocations.push(invocation);
+                invocations.push(item.invocation(shared, stream, publish));
             }
         }
         let mut scripts = invocations.iter();
