@@ -12,21 +12,7 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn notify(addr: &str, query: &str, body: Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("http://{addr}/notify{query}"))
-        .header("x-api-key", API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn redis_node(redis: &RedisServer) -> TestNode {
-    let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
-    assert!(eventually(WAIT, async || node_ready(&node).await).await);
-    node
+    post_with_key(addr, &format!("/notify{query}"), body).await
 }
 
 fn receipt(answer: &Value) -> (Value, Value) {

@@ -194,6 +194,27 @@ impl TestNode {
     }
 }
 
+/// `POST {path}` to the node at `addr` with the test key in `X-API-Key`;
+/// returns status and JSON answer.
+pub async fn post_with_key(addr: &str, path: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .header("x-api-key", API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A node on `redis`, once it answers ready.
+pub async fn redis_node(redis: &redis::RedisServer) -> TestNode {
+    let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;
+    assert!(eventually(Duration::from_secs(5), async || node_ready(&node).await).await);
+    node
+}
+
 /// Whether `/readyz` answers 200.
 pub async fn node_ready(node: &TestNode) -> bool {
     let r = node.http.get(node.url("/readyz")).send().await.unwrap();

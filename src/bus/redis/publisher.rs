@@ -61,10 +61,10 @@ pub struct Publish {
 
 impl Publish {
     /// The publish script's call for this item (recovery on).
-    fn invocation<'a>(
-        &'a self,
+    fn invocation(
+        &self,
         shared: &Shared,
-        stream: &'a str,
+        stream: &str,
         publish_command: &'static str,
     ) -> redis::ScriptInvocation<'static> {
         let retention = shared
