@@ -20,6 +20,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod metrics;
 pub mod notification;
+pub mod presence;
 pub mod recovery;
 pub mod registry;
 pub mod server;

@@ -25,6 +25,7 @@ use socketioxide::socket::Sid;
 use crate::{
     metrics::{ChannelGauge, Metrics},
     notification::{Channel, KeycloakId, Target},
+    presence::{Presence, Query},
 };
 
 /// The sockets of this node, by channel and by user.
@@ -176,6 +177,45 @@ impl<S: Clone> Registry<S> {
         }
     }
 
+    /// What this node has of a presence question (`crate::presence`). A
+    /// `Channel` question scans every user of the node, one shard's read
+    /// lock at a time: the registry keeps no users by channel, which would
+    /// cost every idle socket memory for the sake of a rarer question.
+    pub fn presence(&self, query: &Query) -> Presence {
+        let mut presence = Presence::default();
+        match query {
+            Query::User(user) => {
+                if let Some(sockets) = self.by_user.get(user) {
+                    presence.sockets = sockets.len();
+                    for socket in sockets.iter() {
+                        *presence.channels.entry(socket.channel.clone()).or_default() += 1;
+                    }
+                }
+            }
+            Query::Channel(channel) => {
+                for entry in self.by_user.iter() {
+                    let in_channel = entry
+                        .value()
+                        .iter()
+                        .filter(|s| &s.channel == channel)
+                        .count();
+                    if in_channel > 0 {
+                        presence.sockets += in_channel;
+                        presence.users.insert(entry.key().clone());
+                    }
+                }
+            }
+            Query::Users(users) => {
+                presence.users = users
+                    .iter()
+                    .filter(|user| self.by_user.contains_key(*user))
+                    .cloned()
+                    .collect();
+            }
+        }
+        presence
+    }
+
     /// Current sizes of the indexes.
     pub fn stats(&self) -> RegistryStats {
         RegistryStats {
@@ -308,5 +348,25 @@ mod tests {
         );
         assert!(r.remove(a, &user("alice"), &ch("admin")));
         assert!(r.insert(c, &user("alice"), &ch("admin"), 3).is_ok());
+    }
+
+    #[test]
+    fn presence_counts_a_user_a_channel_and_a_list() {
+        let r = Registry::new(Metrics::new(10), 32);
+        r.insert(Sid::new(), &user("alice"), &ch("admin"), 1)
+            .unwrap();
+        r.insert(Sid::new(), &user("alice"), &ch("admin"), 2)
+            .unwrap();
+        r.insert(Sid::new(), &user("alice"), &ch("msf"), 3).unwrap();
+        r.insert(Sid::new(), &user("bob"), &ch("admin"), 4).unwrap();
+        let alice = r.presence(&Query::User(user("alice")));
+        assert_eq!(alice.sockets, 3);
+        assert_eq!(alice.channels, [(ch("admin"), 2), (ch("msf"), 1)].into());
+        let admin = r.presence(&Query::Channel(ch("admin")));
+        assert_eq!(admin.sockets, 3);
+        assert_eq!(admin.users, [user("alice"), user("bob")].into());
+        let listed = r.presence(&Query::Users(vec![user("bob"), user("carol")]));
+        assert_eq!(listed.users, [user("bob")].into());
+        assert_eq!(r.presence(&Query::User(user("carol"))), Presence::default());
     }
 }

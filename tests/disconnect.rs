@@ -141,6 +141,8 @@ async fn a_node_that_does_not_answer_makes_it_incomplete() {
     let a = redis_node(&redis).await;
     let stopped = StoppableNode::start(&redis.url()).await;
     let _socket = a.socket("alice", "admin").await;
+    // Both nodes take requests: the stopped one is asked and cannot answer.
+    assert_eq!(redis.numsub("channels:requests"), 2);
     stopped.signal("-STOP");
     let started = std::time::Instant::now();
     let answer = disconnect(&a.addr.to_string(), json!({"keycloak": "alice"})).await;

@@ -56,6 +56,8 @@ async fn every_answer_matches_the_openapi_document() {
         "/authorize",
         "/notify",
         "/notify/batch",
+        "/disconnect",
+        "/presence",
         "/healthz",
         "/readyz",
         "/metrics",

@@ -31,6 +31,7 @@ use crate::{
     idempotency::{Answer, Claim, IdempotencyKey},
     metrics::Metrics,
     notification::{Channel, KeycloakId, Notification},
+    presence::{Presence, Query},
     recovery::{Ended, NodeId, NotRecoverable, Offset, Session},
 };
 
@@ -58,6 +59,9 @@ pub trait Deliver: Send + Sync + 'static {
         channel: Option<&Channel>,
         revoke_at: Option<u64>,
     ) -> usize;
+
+    /// What this node has of a presence question.
+    fn presence(&self, query: &Query) -> Presence;
 }
 
 /// What every node answered to a request: the sum of their counts, and
@@ -164,6 +168,15 @@ impl Bus {
                 complete: true,
             }),
             Bus::Redis(bus) => bus.disconnect(user, channel, revoke_at).await,
+        }
+    }
+
+    /// A presence question, answered by every node and merged; `complete`
+    /// is false when a node did not answer within [`ASK_TIMEOUT`].
+    pub async fn presence(&self, query: &Query) -> Result<(Presence, bool), BusError> {
+        match self {
+            Bus::Local(bus) => Ok((bus.sink().presence(query), true)),
+            Bus::Redis(bus) => bus.presence(query).await,
         }
     }
 

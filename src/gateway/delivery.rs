@@ -22,6 +22,7 @@ use crate::{
     config::Config,
     metrics::Metrics,
     notification::{Channel, KeycloakId, Notification, Target, now_us},
+    presence::{Presence, Query},
     recovery::Offset,
 };
 
@@ -114,6 +115,10 @@ impl Deliver for Delivery {
             }
         }
         closed
+    }
+
+    fn presence(&self, query: &Query) -> Presence {
+        self.registry.presence(query)
     }
 
     fn deliver(&self, offset: Offset, notification: &Notification) -> usize {

@@ -1,4 +1,5 @@
-//! The HTTP side of a node: the axum routers for `/authorize`, `/notify`, the
+//! The HTTP side of a node: the axum routers for `/authorize`, `/notify`,
+//! the backend API (`/notify/batch`, `/disconnect`, `/presence`), the
 //! operations endpoints and the client bundle.
 //!
 //! The request path: [`app`] serves the client bundle and hands everything
@@ -12,6 +13,7 @@ mod disconnect;
 mod error;
 pub mod notify;
 mod ops;
+mod presence;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -70,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/notify", post(notify::notify))
         .route("/notify/batch", post(batch::batch))
         .route("/disconnect", post(disconnect::disconnect))
+        .route("/presence", get(presence::get).post(presence::bulk))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

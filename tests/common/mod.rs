@@ -208,6 +208,19 @@ pub async fn post_with_key(addr: &str, path: &str, body: Value) -> (u16, Value) 
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// `GET http://{addr}{path}` with the test API key: the status and the JSON
+/// answer (`null` when it is not JSON).
+pub async fn get_with_key(addr: &str, path: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 /// A node on `redis`, once it answers ready.
 pub async fn redis_node(redis: &redis::RedisServer) -> TestNode {
     let node = start(&[("CHANNELS_REDIS_URL", &redis.url())]).await;

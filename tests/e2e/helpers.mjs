@@ -207,15 +207,16 @@ export async function startRedisSentinel() {
   };
   const master = await startRedis();
   const replicaPort = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "channels-sentinel-"));
+  // A replica loads its first sync from a file in its `--dir`: here, not the cwd.
   const replica = await spawnReady(
     "redis-server",
     ["--port", String(replicaPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-      "--replicaof", "127.0.0.1", String(master.port)],
+      "--dir", dir, "--replicaof", "127.0.0.1", String(master.port)],
     {},
     async () => cli(replicaPort, "INFO", "replication").includes("master_link_status:up"),
     "replica",
   );
-  const dir = mkdtempSync(join(tmpdir(), "channels-sentinel-"));
   const sentinelPorts = [await freePort(), await freePort(), await freePort()];
   const sentinels = [];
   for (const port of sentinelPorts) {

@@ -134,7 +134,7 @@ struct Shared {
     /// Lost connections, by generation, for the [`Subscriber`].
     lost: mpsc::UnboundedSender<u64>,
     /// This node's requests waiting for answers, by id ([`requests`]).
-    asking: dashmap::DashMap<u64, mpsc::UnboundedSender<usize>>,
+    asking: dashmap::DashMap<u64, mpsc::UnboundedSender<bytes::Bytes>>,
     next_request: AtomicU64,
     metrics: Metrics,
 }

@@ -1,16 +1,18 @@
 //! Requests from one node to every node, and their answers, over the bus:
 //! what `POST /disconnect` needs (a count from every node, and whether every
-//! node answered).
+//! node answered), and presence (each node's [`Presence`], merged).
 //!
 //! * Every node subscribes, for its life, to `{prefix}:requests` and to its
 //!   own `{prefix}:replies:<node>`.
-//! * The asking node publishes `{"id", "from", "disconnect": {...}}` to the
-//!   requests topic. Redis answers the publish with how many subscribers
-//!   received it: one per live node (the asking node included), so that
-//!   is how many answers to wait for, with no registry of nodes.
+//! * The asking node publishes `{"id", "from", "disconnect": {...}}` (or
+//!   `"presence": {...}`) to the requests topic. Redis answers the publish
+//!   with how many subscribers received it: one per live node (the asking
+//!   node included), so that is how many answers to wait for, with no
+//!   registry of nodes.
 //! * Each node handles the request on its own sockets and publishes
-//!   `"<id> <count>"` to the asker's replies topic.
-//! * The asker sums what arrives within [`ASK_TIMEOUT`]; a node that is
+//!   `"<id> <answer>"` to the asker's replies topic: a count, or a JSON
+//!   [`Presence`].
+//! * The asker gathers what arrives within [`ASK_TIMEOUT`]; a node that is
 //!   stopped or slow makes the answer incomplete, not late.
 //! * Delivery receipts ride the notification itself: it names the asker and
 //!   a request id, the publish's receiver count says how many nodes got it,
@@ -22,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -29,6 +32,7 @@ use super::{RedisBus, Shared};
 use crate::{
     bus::{BusError, Deliver, Gathered},
     notification::{Channel, KeycloakId, Notification, Receipt},
+    presence::{Presence, Query},
 };
 
 /// How long a request waits for every node's answer.
@@ -60,7 +64,16 @@ pub struct Request {
     id: u64,
     /// The asking node, whose replies topic gets the answer.
     from: u64,
-    disconnect: Disconnect,
+    #[serde(flatten)]
+    ask: Ask,
+}
+
+/// What a request asks of every node.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Ask {
+    Disconnect(Disconnect),
+    Presence(Query),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,12 +95,30 @@ impl RedisBus {
         if let Some(at) = revoke_at {
             self.record_revocation(user, at).await?;
         }
-        self.ask(Disconnect {
-            keycloak: user.clone(),
-            channel: channel.cloned(),
-            revoke_at,
+        let (counts, complete) = self
+            .ask(Ask::Disconnect(Disconnect {
+                keycloak: user.clone(),
+                channel: channel.cloned(),
+                revoke_at,
+            }))
+            .await?;
+        Ok(Gathered {
+            count: counts.iter().filter_map(|answer| count(answer)).sum(),
+            complete,
         })
-        .await
+    }
+
+    /// A presence question to every node; their answers merged.
+    pub async fn presence(&self, query: &Query) -> Result<(Presence, bool), BusError> {
+        let (answers, complete) = self.ask(Ask::Presence(query.clone())).await?;
+        let mut merged = Presence::default();
+        for answer in answers {
+            match serde_json::from_slice::<Presence>(&answer) {
+                Ok(presence) => merged.merge(presence),
+                Err(_) => tracing::warn!("unreadable presence answer dropped"),
+            }
+        }
+        Ok((merged, complete))
     }
 
     /// Keeps a revocation in Redis for the tokens' lifetime, and drops the
@@ -121,7 +152,9 @@ impl RedisBus {
         })
     }
 
-    async fn ask(&self, disconnect: Disconnect) -> Result<Gathered, BusError> {
+    /// Asks every node, and returns their answers and whether every node
+    /// answered within [`ASK_TIMEOUT`].
+    async fn ask(&self, ask: Ask) -> Result<(Vec<Bytes>, bool), BusError> {
         if !self.is_ready() {
             return Err(BusError::Unavailable);
         }
@@ -134,7 +167,7 @@ impl RedisBus {
         let request = Request {
             id,
             from: self.shared.node.0,
-            disconnect,
+            ask,
         };
         let mut command = redis::cmd(connection.publish_command());
         command
@@ -167,7 +200,13 @@ impl RedisBus {
             id,
         });
         let outcome = match self.publish(notification).await {
-            Ok(nodes) => Ok(gather(&mut answered, nodes).await),
+            Ok(nodes) => {
+                let (counts, complete) = gather(&mut answered, nodes).await;
+                Ok(Gathered {
+                    count: counts.iter().filter_map(|answer| count(answer)).sum(),
+                    complete,
+                })
+            }
             Err(e) => Err(e),
         };
         self.shared.asking.remove(&id);
@@ -175,25 +214,24 @@ impl RedisBus {
     }
 }
 
-/// Sums the answers of `nodes` nodes, for at most [`ASK_TIMEOUT`].
-async fn gather(answered: &mut mpsc::UnboundedReceiver<usize>, nodes: usize) -> Gathered {
-    let mut gathered = Gathered {
-        count: 0,
-        complete: false,
-    };
-    let mut heard = 0;
+/// Collects the answers of `nodes` nodes, for at most [`ASK_TIMEOUT`], and
+/// whether all of them came.
+async fn gather(answered: &mut mpsc::UnboundedReceiver<Bytes>, nodes: usize) -> (Vec<Bytes>, bool) {
+    let mut answers = Vec::with_capacity(nodes);
     let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
-    while heard < nodes {
+    while answers.len() < nodes {
         match tokio::time::timeout_at(deadline, answered.recv()).await {
-            Ok(Some(count)) => {
-                gathered.count += count;
-                heard += 1;
-            }
+            Ok(Some(answer)) => answers.push(answer),
             _ => break,
         }
     }
-    gathered.complete = heard == nodes;
-    gathered
+    let complete = answers.len() == nodes;
+    (answers, complete)
+}
+
+/// An answer that is a count (a disconnect, a receipt).
+fn count(answer: &[u8]) -> Option<usize> {
+    std::str::from_utf8(answer).ok()?.parse().ok()
 }
 
 /// A request from another node (or this one): handled on this node's
@@ -203,13 +241,20 @@ pub fn handle_request(shared: &Arc<Shared>, sink: &dyn Deliver, payload: &[u8]) 
         tracing::warn!("unreadable request dropped");
         return;
     };
-    let Disconnect {
-        keycloak,
-        channel,
-        revoke_at,
-    } = &request.disconnect;
-    let count = sink.disconnect(keycloak, channel.as_ref(), *revoke_at);
-    reply(shared, request.from, request.id, count);
+    let answer = match &request.ask {
+        Ask::Disconnect(Disconnect {
+            keycloak,
+            channel,
+            revoke_at,
+        }) => sink
+            .disconnect(keycloak, channel.as_ref(), *revoke_at)
+            .to_string()
+            .into_bytes(),
+        Ask::Presence(query) => {
+            serde_json::to_vec(&sink.presence(query)).expect("a Presence serialises")
+        }
+    };
+    reply(shared, request.from, request.id, &answer);
 }
 
 /// Applies the revocations Redis keeps to this node's ws tokens: called
@@ -237,15 +282,15 @@ pub async fn load_revocations(
     Ok(())
 }
 
-/// Answers request `id` of node `to` with `count`, without waiting.
-pub fn reply(shared: &Shared, to: u64, id: u64, count: usize) {
+/// Answers request `id` of node `to`, without waiting.
+pub fn reply(shared: &Shared, to: u64, id: u64, answer: &[u8]) {
     let Some(mut connection) = shared.connection().0 else {
         return;
     };
     let mut command = redis::cmd(connection.publish_command());
     command
         .arg(replies_topic(&shared.prefix, to))
-        .arg(format!("{id} {count}"));
+        .arg([format!("{id} ").as_bytes(), answer].concat());
     tokio::spawn(async move {
         if let Err(e) = connection.query::<i64>(&command).await {
             tracing::warn!(error = %e, "answer to a request not sent");
@@ -253,16 +298,19 @@ pub fn reply(shared: &Shared, to: u64, id: u64, count: usize) {
     });
 }
 
-/// An answer to one of this node's requests.
+/// An answer to one of this node's requests: `"<id> <answer>"`.
 pub fn handle_reply(shared: &Shared, payload: &[u8]) {
-    let parsed = std::str::from_utf8(payload).ok().and_then(|text| {
-        let (id, count) = text.split_once(' ')?;
-        Some((id.parse::<u64>().ok()?, count.parse::<usize>().ok()?))
+    let parsed = payload.iter().position(|&b| b == b' ').and_then(|space| {
+        let id = std::str::from_utf8(&payload[..space])
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        Some((id, &payload[space + 1..]))
     });
     match parsed {
-        Some((id, count)) => {
+        Some((id, answer)) => {
             if let Some(waiting) = shared.asking.get(&id) {
-                let _ = waiting.send(count);
+                let _ = waiting.send(Bytes::copy_from_slice(answer));
             }
         }
         None => tracing::warn!("unreadable reply dropped"),

@@ -257,7 +257,12 @@ impl Subscriber {
                                 shared.position.fetch_max(offset, Ordering::AcqRel);
                                 let written = sink.deliver(offset, &notification);
                                 if let Some(receipt) = notification.receipt {
-                                    reply(&shared, receipt.node, receipt.id, written);
+                                    reply(
+                                        &shared,
+                                        receipt.node,
+                                        receipt.id,
+                                        written.to_string().as_bytes(),
+                                    );
                                 }
                             }
                             None => tracing::warn!("unreadable bus message dropped"),
