@@ -31,7 +31,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use crate::notification::Target;
+use crate::{bus::Gathered, notification::Target};
 
 /// How long a claim stays "in progress" in Redis without being completed or
 /// released: the node that holds it died before it completed it. A retry
@@ -97,22 +97,46 @@ pub struct Claimed {
 pub struct Answer {
     pub id: String,
     pub variant: &'static str,
+    /// The first call's delivery receipt, when it asked for one
+    /// (`?receipt=true`): a repeat answers the same counts.
+    pub receipt: Option<Gathered>,
 }
 
 impl Answer {
-    /// `"<id> <variant>"`, as stored.
+    /// `"<id> <variant>"`, then `" <sockets> <complete: 1 or 0>"` with a
+    /// receipt, as stored.
     pub fn encode(&self) -> String {
-        format!("{} {}", self.id, self.variant)
+        match self.receipt {
+            None => format!("{} {}", self.id, self.variant),
+            Some(Gathered { count, complete }) => {
+                format!(
+                    "{} {} {count} {}",
+                    self.id,
+                    self.variant,
+                    u8::from(complete)
+                )
+            }
+        }
     }
 
     pub fn decode(text: &str) -> Option<Self> {
-        let (id, variant) = text.split_once(' ')?;
+        let mut parts = text.split(' ');
+        let (id, variant) = (parts.next()?, parts.next()?);
         let variant = ["channel", "user", "user_channel"]
             .into_iter()
             .find(|v| *v == variant)?;
+        let receipt = match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => None,
+            (Some(count), Some(complete @ ("0" | "1")), None) => Some(Gathered {
+                count: count.parse().ok()?,
+                complete: complete == "1",
+            }),
+            _ => return None,
+        };
         Some(Self {
             id: id.to_string(),
             variant,
+            receipt,
         })
     }
 }
@@ -259,6 +283,32 @@ mod tests {
         Answer {
             id: id.into(),
             variant: "user",
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn an_answer_is_stored_with_its_receipt_and_read_back() {
+        let plain = answer("n1");
+        assert_eq!(Answer::decode(&plain.encode()), Some(plain));
+        let receipted = Answer {
+            receipt: Some(Gathered {
+                count: 3,
+                complete: false,
+            }),
+            ..answer("n2")
+        };
+        assert_eq!(receipted.encode(), "n2 user 3 0");
+        assert_eq!(Answer::decode(&receipted.encode()), Some(receipted));
+        for bad in [
+            "n3",
+            "n3 users",
+            "n3 user 3",
+            "n3 user x 1",
+            "n3 user 3 2",
+            "n3 user 3 1 9",
+        ] {
+            assert_eq!(Answer::decode(bad), None, "{bad}");
         }
     }
 

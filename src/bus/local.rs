@@ -133,23 +133,44 @@ impl LocalBus {
     /// Publishes and waits for the dispatcher to have written it: how many
     /// sockets got it (`?receipt=true`).
     pub async fn publish_counted(&self, notification: Notification) -> Result<Gathered, BusError> {
+        let deadline = tokio::time::Instant::now() + super::ASK_TIMEOUT;
+        let written = self.send_counted(notification).await?;
+        Ok(counted(written, deadline).await)
+    }
+
+    /// [`Self::publish_counted`] for notifications in order: all are queued
+    /// before any count is awaited, and the counts share one deadline.
+    pub async fn publish_many_counted(
+        &self,
+        notifications: Vec<Notification>,
+    ) -> Vec<Result<Gathered, BusError>> {
+        let deadline = tokio::time::Instant::now() + super::ASK_TIMEOUT;
+        let mut queued = Vec::with_capacity(notifications.len());
+        for notification in notifications {
+            queued.push(self.send_counted(notification).await);
+        }
+        let mut outcomes = Vec::with_capacity(queued.len());
+        for written in queued {
+            outcomes.push(match written {
+                Ok(written) => Ok(counted(written, deadline).await),
+                Err(e) => Err(e),
+            });
+        }
+        outcomes
+    }
+
+    /// Queues a notification whose dispatcher reports how many sockets it
+    /// was written to.
+    async fn send_counted(
+        &self,
+        notification: Notification,
+    ) -> Result<oneshot::Receiver<usize>, BusError> {
         let (done, written) = oneshot::channel();
         self.tx
             .send((notification, Some(done)))
             .await
             .map_err(|_| BusError::Unavailable)?;
-        Ok(
-            match tokio::time::timeout(super::ASK_TIMEOUT, written).await {
-                Ok(Ok(count)) => Gathered {
-                    count,
-                    complete: true,
-                },
-                _ => Gathered {
-                    count: 0,
-                    complete: false,
-                },
-            },
-        )
+        Ok(written)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -204,5 +225,19 @@ impl Shared {
                 sink.deliver(offset, &notification)
             }
         }
+    }
+}
+
+/// The count a dispatched notification reports, if it comes by `deadline`.
+async fn counted(written: oneshot::Receiver<usize>, deadline: tokio::time::Instant) -> Gathered {
+    match tokio::time::timeout_at(deadline, written).await {
+        Ok(Ok(count)) => Gathered {
+            count,
+            complete: true,
+        },
+        _ => Gathered {
+            count: 0,
+            complete: false,
+        },
     }
 }

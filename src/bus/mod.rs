@@ -149,7 +149,25 @@ impl Bus {
                 }
                 outcomes
             }
-            Bus::Redis(bus) => bus.publish_many(notifications).await,
+            Bus::Redis(bus) => bus
+                .publish_many(notifications)
+                .await
+                .into_iter()
+                .map(|outcome| outcome.map(drop))
+                .collect(),
+        }
+    }
+
+    /// [`Self::publish_many`] with a receipt for each notification, as
+    /// [`Self::publish_with_receipt`] gives one, all within one
+    /// [`ASK_TIMEOUT`].
+    pub async fn publish_many_with_receipts(
+        &self,
+        notifications: Vec<Notification>,
+    ) -> Vec<Result<Gathered, BusError>> {
+        match self {
+            Bus::Local(bus) => bus.publish_many_counted(notifications).await,
+            Bus::Redis(bus) => bus.publish_many_with_receipts(notifications).await,
         }
     }
 

@@ -12,7 +12,9 @@
 //! ([`crate::idempotency`]): a retry after a failure part-way publishes
 //! exactly the items whose first publish failed, and answers the others'
 //! first answers. Without one, a `503` may come after some items went out.
-//! A batch counts once against the key's rate.
+//! A batch counts once against the key's rate. With `?receipt=true` each
+//! item's result adds `sockets` and `complete`, gathered for all items
+//! within one second.
 
 use std::sync::Arc;
 
@@ -20,7 +22,7 @@ use axum::{
     Extension, Json,
     body::Body,
     extract::State,
-    http::{HeaderMap, HeaderValue},
+    http::{HeaderMap, HeaderValue, Uri},
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
@@ -29,7 +31,10 @@ use serde_json::{Value, json, value::RawValue};
 use super::{
     AppState, ClientAddr,
     error::ApiError,
-    notify::{api_key, check_depth, header_key, idempotency_key, is_json, parse_body, read_body},
+    notify::{
+        api_key, check_depth, header_key, idempotency_key, is_json, parse_body, read_body,
+        wants_receipt,
+    },
 };
 use crate::{
     idempotency::{self, Answer, Claim, Claimed},
@@ -48,11 +53,12 @@ struct BatchBody {
 pub async fn batch(
     State(state): State<Arc<AppState>>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let result = match state.limiters.check_notify_address(client) {
-        Ok(()) => accept(&state, &headers, body).await,
+        Ok(()) => accept(&state, &uri, &headers, body).await,
         Err(refused) => Err(refused.into()),
     };
     let counter = &state.metrics.handles().notifications;
@@ -76,7 +82,14 @@ pub async fn batch(
     let all_replayed = answers.iter().all(|(_, replayed)| *replayed);
     let results: Vec<Value> = answers
         .iter()
-        .map(|(a, _)| json!({"id": a.id, "variant": a.variant}))
+        .map(|(a, _)| {
+            let mut result = json!({"id": a.id, "variant": a.variant});
+            if let Some(receipt) = a.receipt {
+                result["sockets"] = receipt.count.into();
+                result["complete"] = receipt.complete.into();
+            }
+            result
+        })
         .collect();
     let mut response = Json(json!({ "results": results })).into_response();
     if all_replayed {
@@ -91,9 +104,11 @@ pub async fn batch(
 /// answer and whether it was replayed, in item order.
 async fn accept(
     state: &AppState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Vec<(Answer, bool)>, ApiError> {
+    let receipt = wants_receipt(uri)?;
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -132,7 +147,7 @@ async fn accept(
     }
     match idempotency_key(headers)? {
         None => {
-            let answers = publish_all(state, calls).await?;
+            let answers = publish_all(state, calls, receipt).await?;
             Ok(answers.into_iter().map(|a| (a, false)).collect())
         }
         Some(key) => {
@@ -180,7 +195,7 @@ async fn accept(
                     to_publish.push((target, msg, Some(claimed)));
                 }
             }
-            let published = publish_each(state, to_publish).await;
+            let published = publish_each(state, to_publish, receipt).await;
             let mut failed = false;
             for (&i, outcome) in firsts.iter().zip(published) {
                 match outcome {
@@ -212,20 +227,22 @@ async fn accept(
 async fn publish_all(
     state: &AppState,
     calls: Vec<(Target, Box<RawValue>)>,
+    receipt: bool,
 ) -> Result<Vec<Answer>, ApiError> {
     let calls = calls.into_iter().map(|(target, msg)| (target, msg, None));
-    publish_each(state, calls.collect())
+    publish_each(state, calls.collect(), receipt)
         .await
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|_| part_way())
 }
 
-/// Publishes every call, in order, each with the key it claimed if any;
-/// each one's outcome.
+/// Publishes every call, in order, each with the key it claimed if any,
+/// and with a receipt when asked (`?receipt=true`); each one's outcome.
 async fn publish_each(
     state: &AppState,
     calls: Vec<(Target, Box<RawValue>, Option<Claimed>)>,
+    receipt: bool,
 ) -> Vec<Result<Answer, ()>> {
     let notifications: Vec<Notification> = calls
         .into_iter()
@@ -239,8 +256,24 @@ async fn publish_each(
         .map(|n| Answer {
             id: n.id.clone(),
             variant: n.target.variant(),
+            receipt: None,
         })
         .collect();
+    if receipt {
+        let outcomes = state.bus.publish_many_with_receipts(notifications).await;
+        return answers
+            .into_iter()
+            .zip(outcomes)
+            .map(|(answer, outcome)| {
+                outcome
+                    .map(|gathered| Answer {
+                        receipt: Some(gathered),
+                        ..answer
+                    })
+                    .map_err(drop)
+            })
+            .collect();
+    }
     let outcomes = state.bus.publish_many(notifications).await;
     answers
         .into_iter()

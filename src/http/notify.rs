@@ -65,8 +65,8 @@ pub async fn notify(
         Err(refused) => Err(refused.into()),
     };
     let (variant, outcome) = match &result {
-        Ok((answer, false, _)) => (answer.variant, "accepted"),
-        Ok((answer, true, _)) => (answer.variant, "replayed"),
+        Ok((answer, false)) => (answer.variant, "accepted"),
+        Ok((answer, true)) => (answer.variant, "replayed"),
         Err(ApiError::Unavailable(_)) => ("none", "unavailable"),
         Err(_) => ("none", "rejected"),
     };
@@ -79,7 +79,14 @@ pub async fn notify(
     if let Err(e) = &result {
         tracing::info!(error = %e, "notify refused");
     }
-    let (Answer { id, variant }, replayed, receipt) = result?;
+    let (
+        Answer {
+            id,
+            variant,
+            receipt,
+        },
+        replayed,
+    ) = result?;
     let mut body = json!({"id": id, "variant": variant});
     if let Some(Gathered { count, complete }) = receipt {
         body["sockets"] = count.into();
@@ -95,14 +102,14 @@ pub async fn notify(
 }
 
 /// Validates the call and publishes it (once per `Idempotency-Key`);
-/// returns the notification's id and variant, and whether they are a
-/// first call's, replayed.
+/// returns the notification's id, variant and receipt, and whether they
+/// are a first call's, replayed.
 async fn accept(
     state: &AppState,
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Answer, bool, Option<Gathered>), ApiError> {
+) -> Result<(Answer, bool), ApiError> {
     let receipt = wants_receipt(uri)?;
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
@@ -119,8 +126,8 @@ async fn accept(
 
     let idempotency_key = idempotency_key(headers)?;
     let Some(key) = idempotency_key else {
-        let (answer, gathered) = publish(state, Notification::new(target, msg), receipt).await?;
-        return Ok((answer, false, gathered));
+        let answer = publish(state, Notification::new(target, msg), receipt).await?;
+        return Ok((answer, false));
     };
     let fingerprint = idempotency::fingerprint(&target, msg.get());
     let unavailable = |e: crate::bus::BusError| ApiError::Unavailable(e.to_string());
@@ -139,9 +146,9 @@ async fn accept(
                 ..Notification::new(target, msg)
             };
             match publish(state, notification, receipt).await {
-                Ok((answer, gathered)) => {
+                Ok(answer) => {
                     state.bus.complete(&key, &fingerprint, &answer).await;
-                    Ok((answer, false, gathered))
+                    Ok((answer, false))
                 }
                 Err(e) => {
                     state.bus.release(&key, &fingerprint).await;
@@ -149,8 +156,9 @@ async fn accept(
                 }
             }
         }
-        // A replay has no receipt: nothing was written this time.
-        Claim::Replay(answer) => Ok((answer, true, None)),
+        // The first call's answer, its receipt included: nothing is
+        // written this time.
+        Claim::Replay(answer) => Ok((answer, true)),
         Claim::InProgress => Err(ApiError::Conflict),
         Claim::Reused => Err(ApiError::IdempotencyKeyReused),
     }
@@ -205,27 +213,30 @@ async fn publish(
     state: &AppState,
     notification: Notification,
     receipt: bool,
-) -> Result<(Answer, Option<Gathered>), ApiError> {
-    let answer = Answer {
+) -> Result<Answer, ApiError> {
+    let mut answer = Answer {
         id: notification.id.clone(),
         variant: notification.target.variant(),
+        receipt: None,
     };
     tracing::debug!(id = %answer.id, variant = answer.variant, "notification accepted");
     let unavailable = |e: crate::bus::BusError| ApiError::Unavailable(e.to_string());
     if receipt {
-        let gathered = state
-            .bus
-            .publish_with_receipt(notification)
-            .await
-            .map_err(unavailable)?;
-        return Ok((answer, Some(gathered)));
+        answer.receipt = Some(
+            state
+                .bus
+                .publish_with_receipt(notification)
+                .await
+                .map_err(unavailable)?,
+        );
+        return Ok(answer);
     }
     state.bus.publish(notification).await.map_err(unavailable)?;
-    Ok((answer, None))
+    Ok(answer)
 }
 
 /// `?receipt=true` (or `false`); anything else for `receipt` is refused.
-fn wants_receipt(uri: &Uri) -> Result<bool, ApiError> {
+pub(super) fn wants_receipt(uri: &Uri) -> Result<bool, ApiError> {
     let mut receipt = false;
     for pair in uri.query().unwrap_or_default().split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));

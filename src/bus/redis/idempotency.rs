@@ -59,11 +59,13 @@ impl RedisBus {
     /// Keeps the answer for the window, unless the publish script already
     /// kept it (recovery on: [`super::history::PUBLISH_SCRIPT`] writes it in
     /// the same step as the publish, so a node that dies between the two
-    /// leaves no claim "in progress" to expire and be published again). A
-    /// failure is logged: the claim then expires after [`PENDING_TTL`], and
-    /// a retry after that delivers again.
+    /// leaves no claim "in progress" to expire and be published again). An
+    /// answer with a receipt is written over the script's, which could not
+    /// know the counts. A failure is logged: the claim then expires after
+    /// [`PENDING_TTL`], and a retry after that delivers again (with the
+    /// script's record kept, a repeat answers without the receipt).
     pub async fn complete(&self, key: &IdempotencyKey, fingerprint: &str, answer: &Answer) {
-        if self.shared.recovery.is_some() {
+        if self.shared.recovery.is_some() && answer.receipt.is_none() {
             return;
         }
         let Some(mut connection) = self.shared.connection().0 else {

@@ -248,11 +248,12 @@ impl RedisBus {
     }
 
     /// Publishes notifications in order, in one pipeline: the
-    /// [`Publisher`] would not keep separate jobs in order.
+    /// [`Publisher`] would not keep separate jobs in order. Each one's
+    /// outcome: how many nodes received it.
     pub async fn publish_many(
         &self,
         notifications: Vec<Notification>,
-    ) -> Vec<Result<(), BusError>> {
+    ) -> Vec<Result<usize, BusError>> {
         let failed = |n: usize| (0..n).map(|_| Err(BusError::Unavailable)).collect();
         if !self.is_ready() {
             return failed(notifications.len());
@@ -295,6 +296,7 @@ impl RedisBus {
                 let answer = crate::idempotency::Answer {
                     id: notification.id.clone(),
                     variant: notification.target.variant(),
+                    receipt: None,
                 };
                 Some((
                     Keys(prefix).idempotency(&claimed.key),

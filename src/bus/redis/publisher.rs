@@ -42,7 +42,7 @@ pub enum Job {
     /// One outcome per item.
     PublishMany {
         items: Vec<Publish>,
-        done: oneshot::Sender<Vec<Result<(), BusError>>>,
+        done: oneshot::Sender<Vec<Result<usize, BusError>>>,
     },
     /// A write nobody waits for (a session's end).
     Write(redis::Cmd),
@@ -209,13 +209,14 @@ impl Publisher {
 impl Publisher {
     /// One pipeline for the items, in order: the publish script loaded
     /// first (a pipeline does not load it on `NOSCRIPT`), then one call per
-    /// item. Each item's outcome; all fail when the connection does.
+    /// item. Each item's outcome (how many nodes received it); all fail
+    /// when the connection does.
     async fn publish_many(
         shared: &Shared,
         connection: &mut Connection,
         generation: u64,
         items: &[Publish],
-    ) -> Vec<Result<(), BusError>> {
+    ) -> Vec<Result<usize, BusError>> {
         let publish = connection.publish_command();
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors();
@@ -260,9 +261,13 @@ impl Publisher {
                         {
                             shared.position.fetch_max(offset, Ordering::AcqRel);
                         }
-                        Ok(())
+                        Ok(parts
+                            .get(1)
+                            .and_then(|p| redis::from_redis_value_ref::<usize>(p).ok())
+                            .unwrap_or(0))
                     }
-                    _ => Ok(()),
+                    // A plain publish's receivers.
+                    other => Ok(redis::from_redis_value_ref::<usize>(&other).unwrap_or(0)),
                 })
                 .collect(),
             Err(e) => {

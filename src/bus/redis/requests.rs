@@ -214,6 +214,44 @@ impl RedisBus {
     }
 }
 
+impl RedisBus {
+    /// [`Self::publish_with_receipt`] for notifications published in order
+    /// in one pipeline ([`Self::publish_many`]): each one's outcome, its
+    /// receipts gathered side by side within one [`ASK_TIMEOUT`].
+    pub async fn publish_many_with_receipts(
+        &self,
+        mut notifications: Vec<Notification>,
+    ) -> Vec<Result<Gathered, BusError>> {
+        let mut waiting = Vec::with_capacity(notifications.len());
+        for notification in &mut notifications {
+            let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+            let (answers, answered) = mpsc::unbounded_channel();
+            self.shared.asking.insert(id, answers);
+            notification.receipt = Some(Receipt {
+                node: self.shared.node.0,
+                id,
+            });
+            waiting.push((id, answered));
+        }
+        let published = self.publish_many(notifications).await;
+        let gathered = futures_util::future::join_all(published.into_iter().zip(&mut waiting).map(
+            |(outcome, (_, answered))| async move {
+                let nodes = outcome?;
+                let (counts, complete) = gather(answered, nodes).await;
+                Ok(Gathered {
+                    count: counts.iter().filter_map(|answer| count(answer)).sum(),
+                    complete,
+                })
+            },
+        ))
+        .await;
+        for (id, _) in waiting {
+            self.shared.asking.remove(&id);
+        }
+        gathered
+    }
+}
+
 /// Collects the answers of `nodes` nodes, for at most [`ASK_TIMEOUT`], and
 /// whether all of them came.
 async fn gather(answered: &mut mpsc::UnboundedReceiver<Bytes>, nodes: usize) -> (Vec<Bytes>, bool) {
