@@ -75,6 +75,9 @@ enum Command {
     },
 }
 
+/// Notifications per call of the batch scenario (issue 17's benchmark).
+const BATCH: usize = 100;
+
 /// One number the comparison table shows of a report.
 type Measure = fn(&Report) -> f64;
 
@@ -89,6 +92,11 @@ enum Scenario {
     /// The rolling-restart drill: about `--connections` clients over three
     /// nodes restarted in turn, then one SIGKILLed (channels only).
     Chaos,
+    /// Targeted, posted as `/notify/batch` calls of 100 notifications.
+    Batch,
+    /// `GET /presence` on two nodes with `--connections` users online
+    /// (channels only).
+    Presence,
 }
 
 impl Scenario {
@@ -103,10 +111,12 @@ impl Scenario {
         match self {
             Scenario::Idle => scenarios::idle(kind, programs, sizes).await,
             Scenario::Fanout => scenarios::fanout(kind, programs, sizes).await,
-            Scenario::Targeted => scenarios::targeted(kind, programs, sizes, 1).await,
-            Scenario::Cluster => scenarios::targeted(kind, programs, sizes, 2).await,
+            Scenario::Targeted => scenarios::targeted(kind, programs, sizes, 1, 1).await,
+            Scenario::Cluster => scenarios::targeted(kind, programs, sizes, 2, 1).await,
+            Scenario::Batch => scenarios::targeted(kind, programs, sizes, 1, BATCH).await,
             Scenario::Replay => scenarios::replay(kind, programs, sizes).await,
             Scenario::Chaos => chaos::chaos(kind, programs, sizes).await,
+            Scenario::Presence => scenarios::presence(kind, programs, sizes).await,
         }
     }
 
@@ -154,13 +164,22 @@ impl Scenario {
                 ("lost", |r| r.lost as f64),
                 ("out of order", |r| r.out_of_order as f64),
             ],
+            Scenario::Presence => vec![
+                ("answers/s", |r| r.notifies_per_s),
+                ("p99 ms", |r| r.p99_ms),
+                ("server CPU µs per answer", |r| r.server_cpu_us_per_notify),
+                ("Redis CPU µs per answer", |r| {
+                    r.redis_cpu_us_per_notify.unwrap_or(0.0)
+                }),
+                ("refused or not online", |r| r.lost as f64),
+            ],
             Scenario::Replay => vec![
                 ("replay p50 ms", |r| r.p50_ms),
                 ("replay max ms", |r| r.max_ms),
                 ("lost", |r| r.lost as f64),
                 ("out of order", |r| r.out_of_order as f64),
             ],
-            Scenario::Targeted | Scenario::Cluster => vec![
+            Scenario::Targeted | Scenario::Cluster | Scenario::Batch => vec![
                 ("notifies/s", |r| r.notifies_per_s),
                 ("p99 ms", |r| r.p99_ms),
                 ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),

@@ -1,4 +1,4 @@
-//! A `/notify` poster: one keep-alive HTTP/1.1 connection, driven by
+//! A `/notify` (or `/presence`) caller: one keep-alive HTTP/1.1 connection, driven by
 //! hyper's connection-level client, one call at a time.
 //!
 //! The generator shares the machine's cores with the server it measures, so
@@ -42,29 +42,40 @@ impl Poster {
     /// Posts one JSON `body` to `/notify`; whether it was accepted (2xx). A
     /// connection the server closed is opened again for the next call.
     pub async fn post(&mut self, body: String) -> bool {
-        if self.send.is_closed() {
-            match open(self.server).await {
-                Ok(send) => self.send = send,
-                Err(_) => return false,
-            }
-        }
-        if self.send.ready().await.is_err() {
-            return false;
-        }
-        let request = Request::post("/notify")
-            .header(HOST, self.host.clone())
+        self.post_to("/notify", body).await
+    }
+
+    /// Posts one JSON `body` to `path` (`/notify/batch`); whether it was
+    /// accepted (2xx).
+    pub async fn post_to(&mut self, path: &str, body: String) -> bool {
+        let request = Request::post(path)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("x-api-key", HeaderValue::from_static(API_KEY))
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid request");
-        match self.send.send_request(request).await {
-            // The body is read to its end, so the connection takes the next call.
-            Ok(response) => {
-                let accepted = response.status().is_success();
-                response.into_body().collect().await.is_ok() && accepted
-            }
-            Err(_) => false,
+            .body(Full::new(Bytes::from(body)));
+        self.call(request).await.is_some()
+    }
+
+    /// `GET path` (`/presence?…`); the answer's body if it was 2xx.
+    pub async fn get(&mut self, path: &str) -> Option<Bytes> {
+        self.call(Request::get(path).body(Full::new(Bytes::new())))
+            .await
+    }
+
+    /// Sends one call with the host and the API key; the answer's body if
+    /// it was 2xx.
+    async fn call(&mut self, request: hyper::http::Result<Request<Full<Bytes>>>) -> Option<Bytes> {
+        if self.send.is_closed() {
+            self.send = open(self.server).await.ok()?;
         }
+        self.send.ready().await.ok()?;
+        let mut request = request.expect("a valid request");
+        let headers = request.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert("x-api-key", HeaderValue::from_static(API_KEY));
+        let response = self.send.send_request(request).await.ok()?;
+        let accepted = response.status().is_success();
+        // The body is read to its end, so the connection takes the next call.
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        accepted.then_some(body)
     }
 }
 

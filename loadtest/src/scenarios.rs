@@ -325,12 +325,15 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
 
 /// `connections` users with one socket each; `posters` concurrent posters
 /// of variants 2 and 3 for `seconds`. With `nodes` > 1, a cluster on a
-/// private Redis: sockets and posters spread over the nodes.
+/// private Redis: sockets and posters spread over the nodes. With `batch`
+/// > 1, each call is a `/notify/batch` of that many notifications (to the
+/// poster's users in turn), and the CPU is per notification.
 pub async fn targeted(
     kind: Kind,
     programs: &Programs,
     sizes: &Sizes,
     nodes: usize,
+    batch: usize,
 ) -> anyhow::Result<Report> {
     let redis = if nodes > 1 {
         Some(Redis::start().await?)
@@ -371,20 +374,30 @@ pub async fn targeted(
             let mut sequence = vec![0u64; users.len()];
             let mut k = 0usize;
             while Instant::now() < until {
-                let slot = k % users.len();
-                let user = users[slot];
-                sequence[slot] += 1;
-                let target = if k.is_multiple_of(2) {
-                    format!(r#""keycloak":"u{user}""#)
-                } else {
-                    format!(r#""keycloak":"u{user}","channel":"{}""#, channel(user))
-                };
-                // A refused call is not retried: its number is a gap, not
-                // a reordering.
-                if poster.post(body(&target, sequence[slot])).await {
-                    accepted.fetch_add(1, Ordering::Relaxed);
+                let mut items = Vec::with_capacity(batch);
+                for _ in 0..batch {
+                    let slot = k % users.len();
+                    let user = users[slot];
+                    sequence[slot] += 1;
+                    let target = if k.is_multiple_of(2) {
+                        format!(r#""keycloak":"u{user}""#)
+                    } else {
+                        format!(r#""keycloak":"u{user}","channel":"{}""#, channel(user))
+                    };
+                    items.push(body(&target, sequence[slot]));
+                    k += 1;
                 }
-                k += 1;
+                // A refused call is not retried: its numbers are gaps, not
+                // reorderings.
+                let posted = if batch == 1 {
+                    poster.post(items.pop().expect("one item")).await
+                } else {
+                    let batch = format!(r#"{{"notifications":[{}]}}"#, items.join(","));
+                    poster.post_to("/notify/batch", batch).await
+                };
+                if posted {
+                    accepted.fetch_add(items.len().max(1) as u64, Ordering::Relaxed);
+                }
             }
         });
     }
@@ -421,10 +434,95 @@ pub async fn targeted(
         generator_cores: cores(generator_cpu, elapsed),
         seconds: elapsed,
         ..Report::new(
-            if nodes > 1 { "cluster" } else { "targeted" },
+            match (nodes > 1, batch > 1) {
+                (_, true) => "batch",
+                (true, false) => "cluster",
+                (false, false) => "targeted",
+            },
             kind,
             got.latencies,
         )
+    })
+}
+
+/// Presence: `connections` users with one socket each over two nodes and a
+/// private Redis, then `posters` concurrent callers of `GET
+/// /presence?keycloak=` (users in turn, spread over both nodes) for
+/// `seconds`: answers per second, their latency, and server CPU (both
+/// nodes) per answer. Every answer must say the user is online, on a
+/// complete count (channels only: the Node baseline has no presence).
+pub async fn presence(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
+    anyhow::ensure!(kind.is_channels(), "presence is a channels endpoint");
+    let redis = Redis::start().await?;
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(Server::start(kind, programs, Some(&redis.url)).await?);
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let n = sizes.connections;
+    let (stop_tx, stop) = watch::channel(false);
+    let (receivers, connects_per_s) =
+        connect_and_receive(&addrs, n, |i| format!("c{}", i % 10), &stop, |_| {}).await?;
+    let mut callers = JoinSet::new();
+    let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
+    let redis_before = redis.cpu_ticks();
+    let generator_before = generator_cpu_ticks();
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(sizes.seconds);
+    for p in 0..sizes.posters {
+        let mut caller = Poster::connect(addrs[p % addrs.len()]).await?;
+        let posters = sizes.posters;
+        callers.spawn(async move {
+            let (mut latencies, mut answered, mut refused) = (Latencies::new(), 0u64, 0u64);
+            let mut user = p;
+            while Instant::now() < until {
+                let sent = Instant::now();
+                let answer = caller
+                    .get(&format!("/presence?keycloak=u{}", user % n))
+                    .await;
+                let online = answer
+                    .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
+                    .is_some_and(|a| a["online"] == true && a["complete"] == true);
+                if online {
+                    latencies.record(sent.elapsed().as_micros() as u64);
+                    answered += 1;
+                } else {
+                    refused += 1;
+                }
+                user += posters;
+            }
+            (latencies, answered, refused)
+        });
+    }
+    let (mut latencies, mut answered, mut refused) = (Latencies::new(), 0, 0);
+    while let Some(done) = callers.join_next().await {
+        let (l, a, r) = done.expect("caller task");
+        latencies.merge(&l);
+        answered += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = servers.iter().map(Server::cpu_ticks).sum::<u64>() - cpu_before;
+    let redis_cpu = redis.cpu_ticks() - redis_before;
+    let generator_cpu = generator_cpu_ticks() - generator_before;
+    let _ = stop_tx.send(true);
+    collect(receivers).await?;
+    let per_answer = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / answered.max(1) as f64;
+    Ok(Report {
+        connections: n,
+        nodes: 2,
+        connects_per_s,
+        notifies: answered,
+        notifies_per_s: answered as f64 / elapsed,
+        expected: answered + refused,
+        received: answered,
+        lost: refused,
+        server_cpu_us_per_notify: per_answer(cpu),
+        redis_cpu_us_per_notify: Some(per_answer(redis_cpu)),
+        server_cores: cores(cpu, elapsed),
+        generator_cores: cores(generator_cpu, elapsed),
+        seconds: elapsed,
+        ..Report::new("presence", kind, latencies)
     })
 }
 

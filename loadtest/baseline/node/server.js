@@ -6,7 +6,8 @@
 // the official @socket.io/redis-adapter. With RECOVERY=1, socket.io's
 // connectionStateRecovery is on (a 120 s window, as channels' default), and
 // a cluster node uses @socket.io/redis-streams-adapter, the adapter that
-// supports it.
+// supports it. POST /notify/batch is channels' batch endpoint as a loop of
+// room emits.
 //
 // Environment: PORT, WS_SECRET, API_KEY, REDIS_URL (optional), RECOVERY
 // (optional).
@@ -60,23 +61,39 @@ function send(res, status, body) {
 const fail = (res, status, error, message) => send(res, status, { error, message });
 const target = (v) => typeof v === "string" && v.length > 0;
 
+/** The room and variant of a notification, or an error message. */
+function route(item) {
+  if (item === null || typeof item !== "object" || Array.isArray(item)) return { error: "must be a JSON object" };
+  const { msg, keycloak, channel } = item;
+  if (msg === undefined || msg === null) return { error: "msg is required" };
+  if ((keycloak !== undefined && !target(keycloak)) || (channel !== undefined && !CHANNEL.test(channel))) {
+    return { error: "invalid target" };
+  }
+  if (keycloak !== undefined && channel !== undefined) return { room: `uc:${keycloak}:${channel}`, variant: "user_channel" };
+  if (keycloak !== undefined) return { room: `u:${keycloak}`, variant: "user" };
+  if (channel !== undefined) return { room: `c:${channel}`, variant: "channel" };
+  return { error: "at least one of keycloak and channel is required" };
+}
+
 const server = http.createServer((req, res) => {
   if (req.method === "GET" && req.url === "/healthz") return send(res, 200, { status: "ok" });
-  if (req.method !== "POST" || req.url !== "/notify") return fail(res, 404, "not_found", "no such endpoint");
+  const batch = req.url === "/notify/batch";
+  if (req.method !== "POST" || (req.url !== "/notify" && !batch)) return fail(res, 404, "not_found", "no such endpoint");
   if (!(req.headers["content-type"] || "").startsWith("application/json")) {
     return fail(res, 415, "unsupported_media_type", "Content-Type must be application/json");
   }
   const chunks = [];
   let size = 0;
+  const limit = batch ? 8 * MAX_BODY : MAX_BODY;
   req.on("data", (chunk) => {
     size += chunk.length;
-    if (size > MAX_BODY) {
+    if (size > limit) {
       fail(res, 413, "payload_too_large", "body too large");
       req.destroy();
     } else chunks.push(chunk);
   });
   req.on("end", () => {
-    if (size > MAX_BODY) return;
+    if (size > limit) return;
     let body;
     try {
       body = JSON.parse(Buffer.concat(chunks));
@@ -87,18 +104,26 @@ const server = http.createServer((req, res) => {
       return fail(res, 400, "bad_request", "body must be a JSON object");
     }
     if (!keyOk(req.headers["x-api-key"] ?? body.API_KEY)) return fail(res, 401, "unauthorized", "unknown API key");
-    const { msg, keycloak, channel } = body;
-    if (msg === undefined || msg === null) return fail(res, 400, "bad_request", "msg is required");
-    if ((keycloak !== undefined && !target(keycloak)) || (channel !== undefined && !CHANNEL.test(channel))) {
-      return fail(res, 400, "bad_request", "invalid target");
+    if (!batch) {
+      const { room, variant, error } = route(body);
+      if (error) return fail(res, 400, "bad_request", error);
+      io.to(room).emit("notification", body.msg);
+      return send(res, 200, { id: crypto.randomUUID(), variant });
     }
-    let room, variant;
-    if (keycloak !== undefined && channel !== undefined) [room, variant] = [`uc:${keycloak}:${channel}`, "user_channel"];
-    else if (keycloak !== undefined) [room, variant] = [`u:${keycloak}`, "user"];
-    else if (channel !== undefined) [room, variant] = [`c:${channel}`, "channel"];
-    else return fail(res, 400, "bad_request", "at least one of keycloak and channel is required");
-    io.to(room).emit("notification", msg);
-    send(res, 200, { id: crypto.randomUUID(), variant });
+    // The batch endpoint of channels, as a loop of room emits: validated
+    // whole, then emitted in order.
+    const items = body.notifications;
+    if (!Array.isArray(items) || items.length < 1 || items.length > 1000) {
+      return fail(res, 400, "bad_request", "notifications must hold 1 to 1000 items");
+    }
+    const routes = items.map(route);
+    const bad = routes.findIndex((r) => r.error);
+    if (bad >= 0) return send(res, 400, { error: "bad_request", message: routes[bad].error, index: bad });
+    const results = routes.map(({ room, variant }, i) => {
+      io.to(room).emit("notification", items[i].msg);
+      return { id: crypto.randomUUID(), variant };
+    });
+    send(res, 200, { results });
   });
 });
 
