@@ -325,9 +325,9 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
 
 /// `connections` users with one socket each; `posters` concurrent posters
 /// of variants 2 and 3 for `seconds`. With `nodes` > 1, a cluster on a
-/// private Redis: sockets and posters spread over the nodes. With `batch`
-/// > 1, each call is a `/notify/batch` of that many notifications (to the
-/// poster's users in turn), and the CPU is per notification.
+/// private Redis: sockets and posters spread over the nodes. With a `batch`
+/// above one, each call is a `/notify/batch` of that many notifications (to
+/// the poster's users in turn), and the CPU is per notification.
 pub async fn targeted(
     kind: Kind,
     programs: &Programs,
