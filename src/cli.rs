@@ -149,21 +149,34 @@ fn serve(dev_mode: bool) -> ExitCode {
 }
 
 /// `CHANNELS_LOG` (an `EnvFilter`, default `info`) and `CHANNELS_LOG_FORMAT`
-/// (`pretty` or `json`).
+/// (`pretty` or `json`). Colours only when stderr is a terminal, so a log
+/// file or a log collector gets no escape codes.
 fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::{filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt};
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHANNELS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // tungstenite logs every received websocket message at trace level,
-        // and a client's CONNECT message carries its token: never below debug,
-        // whatever CHANNELS_LOG says.
-        .add_directive("tungstenite=debug".parse().expect("a valid directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tungstenite logs every received websocket message at trace level, and
+    // a client's CONNECT message carries its token: its trace events (and
+    // tokio-tungstenite's, a line per read and write) are dropped whatever
+    // CHANNELS_LOG says. A cap, not a level: a directive
+    // (`tungstenite=debug`) would raise it above CHANNELS_LOG's too.
+    let no_tungstenite_trace = filter_fn(|metadata| {
+        let target = metadata.target();
+        !(*metadata.level() == tracing::Level::TRACE
+            && (target.starts_with("tungstenite") || target.starts_with("tokio_tungstenite")))
+    });
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(no_tungstenite_trace);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("CHANNELS_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
 }
 

@@ -223,3 +223,77 @@ async fn poll_until(
     }
     None
 }
+
+/// Runs the binary with the test variables and `env` over them, stderr
+/// piped (not a terminal) and in the default (pretty) format; its address
+/// and every log line so far, kept as they come.
+fn spawn_pretty(env: &[(&str, &str)]) -> (std::process::Child, String, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channels"))
+        .arg("serve")
+        .env_clear()
+        .envs(common::test_vars(env))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("channels node serving")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                let _ = addr_tx.send(
+                    addr.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let Ok(addr) = addr_rx.recv_timeout(Duration::from_secs(10)) else {
+        let _ = child.kill();
+        panic!("the node did not start: {:?}", log.lock().unwrap());
+    };
+    (child, addr, log)
+}
+
+#[tokio::test]
+async fn tungstenite_is_capped_not_raised_and_a_pipe_gets_no_colours() {
+    // `channels=info` at warn: the address comes from the "serving" line.
+    for level in [None, Some("warn,channels=info"), Some("trace")] {
+        let env: Vec<(&str, &str)> = level.map(|l| ("CHANNELS_LOG", l)).into_iter().collect();
+        let (mut child, addr, log) = spawn_pretty(&env);
+        let auth =
+            json!({"token": common::ws_token("alice"), "keycloakID": "alice", "channel": "admin"});
+        let socket = SioClient::connect(addr.parse().unwrap(), auth)
+            .await
+            .unwrap();
+        socket.drop_connection().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = log.lock().unwrap().join("\n");
+        assert!(log.contains("channels node serving"), "{log}");
+        assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log}");
+        match level {
+            // At info and warn, tungstenite's debug lines stay out.
+            None | Some("warn,channels=info") => {
+                assert!(!log.contains("tungstenite"), "{level:?}: {log}")
+            }
+            // At trace, everything but tungstenite's trace lines (the
+            // only trace events on this path).
+            _ => {
+                assert!(log.contains("DEBUG"), "{log}");
+                assert!(
+                    !log.lines()
+                        .any(|l| l.contains("TRACE") && l.contains("tungstenite")),
+                    "{log}"
+                );
+            }
+        }
+    }
+}
