@@ -22,7 +22,8 @@ use crate::{
 #[command(version, about = "Real-time notification gateway (socket.io + HTTP)")]
 struct Cli {
     /// Dev mode: fixed, public secrets and no setup (never in production).
-    #[arg(long, global = true, env = "CHANNELS_DEV")]
+    /// `CHANNELS_DEV=1` (or true, yes, on) does the same.
+    #[arg(long, global = true)]
     dev: bool,
     #[command(subcommand)]
     command: Option<Command>,
@@ -69,7 +70,14 @@ enum Command {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let dev_mode = cli.dev;
+    // Read here rather than by clap, whose error would name `--dev`.
+    let dev_mode = match std::env::var("CHANNELS_DEV") {
+        Ok(value) if !cli.dev => match crate::config::parse_bool("CHANNELS_DEV", &value) {
+            Ok(dev) => dev,
+            Err(e) => return report(Err(Failure(format!("configuration error: {e}"), 2))),
+        },
+        _ => cli.dev,
+    };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(dev_mode),
         Command::GenToken { user, ws, ttl } => report(gen_token(&user, ws, ttl, dev_mode)),

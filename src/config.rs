@@ -50,6 +50,20 @@ pub enum ConfigError {
     Invalid { var: &'static str, reason: String },
 }
 
+/// A boolean variable, in any of the usual spellings of env files (Docker,
+/// Kubernetes, systemd): `1/0`, `true/false`, `yes/no`, `on/off`, in any
+/// case.
+pub fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            var,
+            reason: format!("{value:?}: expected 1/0, true/false, yes/no or on/off"),
+        }),
+    }
+}
+
 /// The validated settings of one node.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -638,14 +652,8 @@ impl Env<'_> {
             });
         }
         let cluster = match self.get("CHANNELS_REDIS_CLUSTER") {
-            None | Some("false") | Some("0") => false,
-            Some("true") | Some("1") => true,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    var: "CHANNELS_REDIS_CLUSTER",
-                    reason: format!("{other:?}: expected true or false"),
-                });
-            }
+            None => false,
+            Some(value) => parse_bool("CHANNELS_REDIS_CLUSTER", value)?,
         };
         if cluster && sentinel.is_some() {
             return Err(ConfigError::Invalid {

@@ -303,3 +303,35 @@ async fn probe_tells_whether_a_node_is_alive() {
     let (code, _, _) = run(&["probe", "--url", &url], &[]);
     assert_eq!(code, 1);
 }
+
+#[test]
+fn boolean_variables_take_the_usual_spellings_and_errors_name_the_variable() {
+    for yes in ["1", "true", "TRUE", "yes", "on"] {
+        let (code, out, err) = run(&["check-config"], &[("CHANNELS_DEV", yes)]);
+        assert_eq!(code, 0, "CHANNELS_DEV={yes}: {err}");
+        assert!(out.contains("configuration is valid"), "{out}");
+    }
+    for no in ["0", "false", "no", "off"] {
+        // Dev mode off and nothing else set: the production settings are missing.
+        let (code, _, err) = run(&["check-config"], &[("CHANNELS_DEV", no)]);
+        assert_eq!(code, 2, "CHANNELS_DEV={no}");
+        assert!(err.contains("CHANNELS_AUTH_JWKS_URL"), "{err}");
+    }
+    let (code, _, err) = run(&["check-config"], &[("CHANNELS_DEV", "maybe")]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("CHANNELS_DEV") && !err.contains("--dev"),
+        "{err}"
+    );
+    let mut redis = PROD.to_vec();
+    redis.push(("CHANNELS_REDIS_URL", "redis://127.0.0.1:7000"));
+    for (value, ok) in [("yes", true), ("Off", true), ("2", false)] {
+        let mut vars = redis.clone();
+        vars.push(("CHANNELS_REDIS_CLUSTER", value));
+        let (code, _, err) = run(&["check-config"], &vars);
+        assert_eq!(code == 0, ok, "CHANNELS_REDIS_CLUSTER={value}: {err}");
+        if !ok {
+            assert!(err.contains("CHANNELS_REDIS_CLUSTER"), "{err}");
+        }
+    }
+}

@@ -83,8 +83,6 @@ pub async fn chaos(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Re
         server: Some(kind),
         nodes: 3,
         connections: counts.clients,
-        connects_per_s: 0.0,
-        rss_per_connection_kib: 0.0,
         notifies: counts.notifications,
         notifies_per_s: counts.notifications as f64 / seconds.max(1e-9),
         deliveries_per_s: counts.received as f64 / seconds.max(1e-9),
@@ -92,13 +90,7 @@ pub async fn chaos(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Re
         received: counts.received,
         lost: counts.lost,
         out_of_order: counts.out_of_order,
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-        max_ms: 0.0,
-        server_cpu_us_per_notify: 0.0,
-        redis_cpu_us_per_notify: None,
-        server_cores: 0.0,
-        generator_cores: 0.0,
         seconds,
+        ..Report::default()
     })
 }

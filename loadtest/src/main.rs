@@ -150,6 +150,9 @@ impl Scenario {
             Scenario::Idle => vec![
                 ("RSS per connection, KiB", |r| r.rss_per_connection_kib),
                 ("connects/s", |r| r.connects_per_s),
+                ("server CPU µs per connect", |r| {
+                    r.server_cpu_us_per_connect
+                }),
                 ("lost at the final notify", |r| r.lost as f64),
             ],
             Scenario::Fanout => vec![

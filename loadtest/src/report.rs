@@ -59,6 +59,8 @@ pub struct Report {
     pub max_ms: f64,
     /// Server CPU time (all nodes) per accepted notify.
     pub server_cpu_us_per_notify: f64,
+    /// Server CPU time per connection while connecting (idle).
+    pub server_cpu_us_per_connect: f64,
     pub redis_cpu_us_per_notify: Option<f64>,
     /// Cores the servers (all nodes) kept busy while notifies were posted:
     /// CPU seconds over wall seconds.

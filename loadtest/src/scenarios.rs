@@ -189,8 +189,10 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     let before = server.rss_kib();
     let n = sizes.connections;
     let (stop_tx, stop) = watch::channel(false);
+    let cpu_before = server.cpu_ticks();
     let (receivers, connects_per_s) =
         connect_and_receive(&[server.addr], n, |i| format!("c{}", i % 10), &stop, |_| {}).await?;
+    let connect_cpu = server.cpu_ticks() - cpu_before;
     // Let the server settle, then read its memory.
     let hold = Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0));
     wait_with_progress(Instant::now() + hold, || {
@@ -229,6 +231,7 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
         connections: n,
         connects_per_s,
         rss_per_connection_kib: (after.saturating_sub(before)) as f64 / n as f64,
+        server_cpu_us_per_connect: connect_cpu as f64 / TICKS_PER_SECOND * 1e6 / n.max(1) as f64,
         notifies: accepted,
         expected: accepted,
         received: got.received,
