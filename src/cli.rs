@@ -266,8 +266,41 @@ fn check_token(ws: bool, token: Option<String>, dev_mode: bool) -> Result<String
             out.push_str(&format!("verdict: valid {kind} for keycloakID {subject:?}"));
             Ok(out)
         }
-        Err(e) => Err(Failure(format!("{out}verdict: {kind} refused: {e}"), 1)),
+        Err(e) => {
+            let hint = match (ws, is_ws_token(token)) {
+                (false, true) => "\nhint: this is a ws token (aud channels-ws): check it with --ws",
+                (true, false) => {
+                    "\nhint: this is not a ws token (its aud is not channels-ws): an access \
+                     token is checked without --ws"
+                }
+                _ => "",
+            };
+            Err(Failure(
+                format!("{out}verdict: {kind} refused: {e}{hint}"),
+                1,
+            ))
+        }
     }
+}
+
+/// Whether a token says it is a ws token (its audience), unverified: only
+/// to point at the right flag when it is refused.
+fn is_ws_token(token: &str) -> bool {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|claims| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|claims| serde_json::from_slice::<Value>(&claims).ok())
+        .is_some_and(|claims| {
+            claims["aud"] == crate::auth::ws_token::WS_AUDIENCE
+                || claims["aud"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|v| v == crate::auth::ws_token::WS_AUDIENCE))
+        })
 }
 
 /// The header and main claims of a JWT, decoded without verification.

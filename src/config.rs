@@ -50,6 +50,41 @@ pub enum ConfigError {
     Invalid { var: &'static str, reason: String },
 }
 
+/// `CHANNELS_LISTEN`: `host:port`, where the host is an IP address (IPv6
+/// in brackets), a name resolved once at start (`localhost:3000`), or
+/// empty for every interface (`:3000`).
+fn listen_address(raw: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let invalid = |reason: String| ConfigError::Invalid {
+        var: "CHANNELS_LISTEN",
+        reason: format!(
+            "{raw:?}: {reason}; expected host:port, as 0.0.0.0:3000, [::]:3000, localhost:3000 or :3000"
+        ),
+    };
+    if let Ok(addr) = raw.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = raw.rsplit_once(':') else {
+        return Err(invalid("no port".into()));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| invalid(format!("{port:?} is not a port")))?;
+    if host.is_empty() {
+        return Ok(std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    let mut resolved: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(format!("{host:?} does not resolve ({e})")))?
+        .collect();
+    // IPv4 first: `localhost` then binds where most clients look for it.
+    resolved.sort_by_key(|addr| addr.is_ipv6());
+    resolved
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid(format!("{host:?} resolves to no address")))
+}
+
 /// A boolean variable, in any of the usual spellings of env files (Docker,
 /// Kubernetes, systemd): `1/0`, `true/false`, `yes/no`, `on/off`, in any
 /// case.
@@ -225,7 +260,7 @@ impl Config {
         } else {
             "0.0.0.0:3000"
         };
-        let listen = env.parse("CHANNELS_LISTEN", listen_default)?;
+        let listen = listen_address(env.get("CHANNELS_LISTEN").unwrap_or(listen_default))?;
 
         let upstream = UpstreamConfig {
             keys: env.upstream_keys()?,
@@ -751,6 +786,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("CHANNELS_API_KEYS"), "{err}");
+    }
+
+    #[test]
+    fn the_listen_address_takes_a_name_or_an_empty_host() {
+        assert_eq!(
+            listen_address("127.0.0.1:3000").unwrap().to_string(),
+            "127.0.0.1:3000"
+        );
+        assert_eq!(
+            listen_address("[::1]:3000").unwrap().to_string(),
+            "[::1]:3000"
+        );
+        assert_eq!(listen_address(":3000").unwrap().to_string(), "0.0.0.0:3000");
+        assert_eq!(listen_address("localhost:3000").unwrap().port(), 3000);
+        assert!(listen_address("localhost:3000").unwrap().ip().is_loopback());
+        for bad in [
+            "nowhere",
+            "localhost",
+            "localhost:http",
+            ":99999",
+            "no-such-host.invalid:3000",
+        ] {
+            let e = listen_address(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("CHANNELS_LISTEN") && e.contains("expected host:port"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -276,13 +276,23 @@ fn check_token_accepts_a_good_token_and_says_why_a_bad_one_is_refused() {
     assert_eq!(code, 1);
     assert!(err.contains("refused: token has expired"), "{err}");
 
-    // A ws token is refused as an access token, accepted with --ws.
+    // A ws token is refused as an access token, with a hint to use --ws,
+    // and accepted with --ws; an access token with --ws gets the reverse.
     let (_, ws, _) = run(&["gen-token", "--ws", "--user", "alice"], &PROD);
     let (code, _, err) = run(&["check-token", ws.trim()], &PROD);
     assert_eq!(code, 1);
-    assert!(err.contains("refused"), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("this is a ws token") && err.contains("--ws"),
+        "{err}"
+    );
     let (code, out, _) = run(&["check-token", "--ws", ws.trim()], &PROD);
     assert_eq!(code, 0, "{out}");
+    let (code, _, err) = run(&["check-token", "--ws", token.trim()], &PROD);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("this is not a ws token") && err.contains("without --ws"),
+        "{err}"
+    );
 
     let (code, _, err) = run(&["check-token", "not-a-token"], &PROD);
     assert_eq!(code, 1);
