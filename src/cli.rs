@@ -134,6 +134,9 @@ fn serve(dev_mode: bool) -> ExitCode {
             dev::API_KEY
         );
     }
+    for unknown in unknown_variables() {
+        tracing::warn!("{unknown}; it is ignored");
+    }
     runtime(config.worker_threads).block_on(async move {
         let listener = match crate::limits::bind(config.listen, config.listen_backlog) {
             Ok(l) => l,
@@ -337,6 +340,13 @@ fn describe_token(token: &str) -> String {
 
 fn check_config(dev_mode: bool) -> Result<String, Failure> {
     let config = config(dev_mode)?;
+    let unknown = unknown_variables();
+    if !unknown.is_empty() {
+        return Err(Failure(
+            format!("configuration error: {}", unknown.join("; ")),
+            2,
+        ));
+    }
     let width = config
         .describe()
         .iter()
@@ -349,6 +359,17 @@ fn check_config(dev_mode: bool) -> Result<String, Failure> {
         .map(|(var, value)| format!("{var:width$}  {value}"))
         .collect();
     Ok(format!("configuration is valid\n{}", lines.join("\n")))
+}
+
+/// The misspelled `CHANNELS_*` variables of this process's environment,
+/// described ([`crate::config::unknown_variables`]).
+fn unknown_variables() -> Vec<String> {
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    crate::config::describe_unknown(&crate::config::unknown_variables(
+        names.iter().map(String::as_str),
+    ))
 }
 
 fn probe(url: &str) -> Result<String, Failure> {

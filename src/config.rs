@@ -50,6 +50,88 @@ pub enum ConfigError {
     Invalid { var: &'static str, reason: String },
 }
 
+/// Every variable the node reads, in the order of the README's table
+/// (a test keeps the two, and the names this module and `cli` read, the
+/// same): a `CHANNELS_*` variable not in it is a misspelling.
+pub const KNOWN: &[&str] = &[
+    "CHANNELS_LISTEN",
+    "CHANNELS_LISTEN_BACKLOG",
+    "CHANNELS_DEV",
+    "CHANNELS_AUTH_JWKS_URL",
+    "CHANNELS_AUTH_JWKS_FILE",
+    "CHANNELS_AUTH_HS256_SECRET",
+    "CHANNELS_AUTH_ISSUER",
+    "CHANNELS_AUTH_AUDIENCE",
+    "CHANNELS_AUTH_LEEWAY",
+    "CHANNELS_WS_TOKEN_SECRET",
+    "CHANNELS_WS_TOKEN_TTL",
+    "CHANNELS_API_KEYS",
+    "CHANNELS_CORS_ORIGINS",
+    "CHANNELS_MAX_BODY_BYTES",
+    "CHANNELS_SOCKET_QUEUE",
+    "CHANNELS_SOCKET_QUEUE_BYTES",
+    "CHANNELS_WS_MAX_MESSAGE_BYTES",
+    "CHANNELS_HEADER_TIMEOUT",
+    "CHANNELS_PING_INTERVAL",
+    "CHANNELS_PING_TIMEOUT",
+    "CHANNELS_METRICS_MAX_CHANNELS",
+    "CHANNELS_SHUTDOWN_TIMEOUT",
+    "CHANNELS_WORKER_THREADS",
+    "CHANNELS_RECOVERY_WINDOW",
+    "CHANNELS_MAX_BATCH",
+    "CHANNELS_MAX_BATCH_BYTES",
+    "CHANNELS_IDEMPOTENCY_WINDOW",
+    "CHANNELS_IDEMPOTENCY_MAX_KEYS",
+    "CHANNELS_RECOVERY_MAX_MISSED",
+    "CHANNELS_REDIS_URL",
+    "CHANNELS_REDIS_CLUSTER",
+    "CHANNELS_REDIS_PREFIX",
+    "CHANNELS_MAX_CONNECTIONS",
+    "CHANNELS_MAX_SOCKETS_PER_USER",
+    "CHANNELS_MAX_JSON_DEPTH",
+    "CHANNELS_CONNECT_RATE",
+    "CHANNELS_AUTHORIZE_RATE",
+    "CHANNELS_NOTIFY_RATE_PER_KEY",
+    "CHANNELS_NOTIFY_RATE_PER_ADDRESS",
+    "CHANNELS_CLIENT_ADDRESS_HEADER",
+    "CHANNELS_LOG",
+    "CHANNELS_LOG_FORMAT",
+];
+
+/// The `CHANNELS_*` names among `names` that the node does not read, each
+/// with the known name nearest to it when one is near (a typo's distance).
+pub fn unknown_variables<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, Option<&'static str>)> {
+    let mut unknown: Vec<_> = names
+        .into_iter()
+        .filter(|name| name.starts_with("CHANNELS_") && !KNOWN.contains(name))
+        .map(|name| {
+            let nearest = KNOWN
+                .iter()
+                .map(|known| (strsim::damerau_levenshtein(name, known), *known))
+                .min()
+                .filter(|(distance, _)| *distance <= 3)
+                .map(|(_, known)| known);
+            (name.to_string(), nearest)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// One line per unknown variable, for the start-up warning and
+/// `check-config`'s error.
+pub fn describe_unknown(unknown: &[(String, Option<&'static str>)]) -> Vec<String> {
+    unknown
+        .iter()
+        .map(|(name, nearest)| match nearest {
+            Some(known) => format!("{name} is not a channels setting: did you mean {known}?"),
+            None => format!("{name} is not a channels setting"),
+        })
+        .collect()
+}
+
 /// `CHANNELS_LISTEN`: `host:port`, where the host is an IP address (IPv6
 /// in brackets), a name resolved once at start (`localhost:3000`), or
 /// empty for every interface (`:3000`).
@@ -786,6 +868,52 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("CHANNELS_API_KEYS"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_named_with_the_nearest_known_one() {
+        let unknown = unknown_variables([
+            "CHANNELS_LISTN",
+            "CHANNELS_API_KEY",
+            "CHANNELS_LISTEN",
+            "CHANNELS_SOMETHING_ELSE_ENTIRELY",
+            "PATH",
+        ]);
+        assert_eq!(
+            unknown,
+            vec![
+                ("CHANNELS_API_KEY".to_string(), Some("CHANNELS_API_KEYS")),
+                ("CHANNELS_LISTN".to_string(), Some("CHANNELS_LISTEN")),
+                ("CHANNELS_SOMETHING_ELSE_ENTIRELY".to_string(), None),
+            ]
+        );
+    }
+
+    /// The names in backticks that start the rows of `text`'s table.
+    fn table_names(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("| `CHANNELS_"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(|rest| format!("CHANNELS_{rest}"))
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_and_the_code_name_the_same_variables() {
+        let readme = include_str!("../README.md");
+        assert_eq!(table_names(readme), KNOWN, "README's configuration table");
+        for source in [include_str!("config.rs"), include_str!("cli.rs")] {
+            // The code, not these tests' misspellings.
+            let code = source.split("#[cfg(test)]").next().unwrap_or_default();
+            for read in code.split('"').filter(|s| {
+                s.len() > "CHANNELS_".len()
+                    && s.starts_with("CHANNELS_")
+                    && s.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            }) {
+                assert!(KNOWN.contains(&read), "{read} is read but not in KNOWN");
+            }
+        }
     }
 
     #[test]

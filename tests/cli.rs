@@ -345,3 +345,32 @@ fn boolean_variables_take_the_usual_spellings_and_errors_name_the_variable() {
         }
     }
 }
+
+#[test]
+fn a_misspelled_variable_is_named_with_the_one_meant() {
+    let mut vars = PROD.to_vec();
+    vars.push(("CHANNELS_LISTN", "127.0.0.1:4000"));
+    vars.push(("CHANNELS_API_KEY", "k"));
+    let (code, _, err) = run(&["check-config"], &vars);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("CHANNELS_LISTN is not a channels setting: did you mean CHANNELS_LISTEN?"),
+        "{err}"
+    );
+    assert!(err.contains("did you mean CHANNELS_API_KEYS?"), "{err}");
+    // A node starts anyway, and warns at start.
+    let (mut child, _, logged) = common::spawn_node_with(
+        &["serve"],
+        &[("CHANNELS_DEV", "1"), ("CHANNELS_LISTN", "127.0.0.1:4000")],
+        None,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        logged.iter().any(|entry| entry["level"] == "WARN"
+            && entry["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("did you mean CHANNELS_LISTEN?"))),
+        "{logged:?}"
+    );
+}
