@@ -130,3 +130,37 @@ fn the_chaos_drill_reports_its_counts_and_loses_nothing() {
     assert_eq!(r["out_of_order"], 0, "{r}");
     assert_eq!(r["received"], r["expected"], "{r}");
 }
+
+#[test]
+fn batches_against_both_servers_and_presence_lose_nothing() {
+    let (stdout, _) = loadtest(&["compare", "--quick", "--rounds", "1", "--only", "batch"]);
+    let (presence, _) = loadtest(&[
+        "run",
+        "presence",
+        "--connections",
+        "40",
+        "--posters",
+        "2",
+        "--seconds",
+        "1",
+    ]);
+    let results: Vec<Value> = stdout
+        .lines()
+        .chain(presence.lines())
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        results.len(),
+        3,
+        "batch x 2 servers, presence:\n{stdout}{presence}"
+    );
+    for r in &results {
+        let what = format!("{} on {}", r["scenario"], r["server"]);
+        assert!(r["notifies"].as_u64().unwrap() > 0, "{what} did nothing");
+        assert_eq!(r["lost"], 0, "{what}: {r}");
+        assert_eq!(r["out_of_order"], 0, "{what}: {r}");
+        assert_eq!(r["received"], r["expected"], "{what}: {r}");
+    }
+    assert!(stdout.contains("| batch |"), "{stdout}");
+}
