@@ -32,7 +32,7 @@ pub mod dev {
 
 /// Minimum length of any shared secret, so a typo like `secret` is caught at start.
 const MIN_SECRET_BYTES: usize = 32;
-/// SPEC.md: at least 256 KiB of body must always be accepted by `/notify`.
+/// docs/protocol.md: at least 256 KiB of body must always be accepted by `/notify`.
 const MIN_BODY_BYTES: usize = 256 * 1024;
 /// Largest `CHANNELS_LISTEN_BACKLOG`: the largest `net.core.somaxconn` that
 /// older kernels accept, which caps the backlog anyway.

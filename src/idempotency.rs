@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on `/notify` (SPEC.md, "Idempotent `POST /notify`"):
+//! `Idempotency-Key` on `/notify` (docs/protocol.md, "`POST /notify`"):
 //! a repeat of a key within `CHANNELS_IDEMPOTENCY_WINDOW`, on any node,
 //! answers the first call's answer and delivers nothing again.
 //!

@@ -192,7 +192,7 @@ impl Node {
         &self.metrics
     }
 
-    /// Graceful shutdown (SPEC.md): turn not-ready and stop accepting, close
+    /// Graceful shutdown (docs/protocol.md): turn not-ready and stop accepting, close
     /// every socket so its client reconnects elsewhere (and records its
     /// session's end, so it can recover there), let in-flight HTTP calls
     /// finish, then stop the bus and every task, all within

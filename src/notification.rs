@@ -10,9 +10,9 @@ use std::{fmt, sync::Arc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-/// Longest channel name (SPEC.md).
+/// Longest channel name (docs/protocol.md).
 pub const MAX_CHANNEL_CHARS: usize = 64;
-/// Longest keycloak id (SPEC.md).
+/// Longest keycloak id (docs/protocol.md).
 pub const MAX_KEYCLOAK_ID_CHARS: usize = 256;
 
 /// Why an id was refused. The text is shown to callers as is.
@@ -100,7 +100,7 @@ macro_rules! string_newtype_impls {
 string_newtype_impls!(Channel);
 string_newtype_impls!(KeycloakId);
 
-/// Which sockets a notification is for: SPEC.md's three variants.
+/// Which sockets a notification is for: docs/protocol.md's three variants.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "variant", rename_all = "snake_case")]
 pub enum Target {

@@ -1,4 +1,4 @@
-//! Presence (SPEC.md "Presence"): who is online, asked when a backend asks.
+//! Presence (docs/protocol.md "Presence"): who is online, asked when a backend asks.
 //!
 //! Nothing is written anywhere when a socket connects or leaves: each
 //! node's registry already knows its own sockets. A [`Query`] goes to every
@@ -69,7 +69,7 @@ impl Presence {
         self.users.extend(other.users);
     }
 
-    /// The JSON answer SPEC.md gives for `query`, with `complete`: whether
+    /// The JSON answer docs/protocol.md gives for `query`, with `complete`: whether
     /// every node answered in time.
     pub fn answer(&self, query: &Query, complete: bool) -> serde_json::Value {
         match query {

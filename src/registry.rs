@@ -7,7 +7,7 @@
 //! socket handles out under one shard's read lock and releases it before any
 //! socket is written to, so delivery never holds a registry lock.
 //!
-//! The third index of SPEC.md, (user, channel), is the user's entry filtered
+//! The third index of docs/protocol.md, (user, channel), is the user's entry filtered
 //! by channel: a user has a handful of sockets, so the filter is cheaper than
 //! a third map to keep consistent and in memory.
 //!

@@ -1,4 +1,4 @@
-//! Admission under attack (SPEC.md, "Round 2: admission under attack"):
+//! Admission under attack (docs/protocol.md, "Limits"):
 //! connections that never finish their request head are closed within
 //! `CHANNELS_HEADER_TIMEOUT` while the node goes on serving, and the
 //! connection cap stays under the descriptor limit, with room to answer.

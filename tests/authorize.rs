@@ -1,4 +1,4 @@
-//! `GET /authorize`: upstream access tokens in, ws tokens out (SPEC.md).
+//! `GET /authorize`: upstream access tokens in, ws tokens out (docs/protocol.md).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! `POST /notify/batch` (SPEC.md): validated whole (the first bad item's
+//! `POST /notify/batch` (docs/protocol.md): validated whole (the first bad item's
 //! `index`, nothing delivered), answered and delivered in item order across
 //! variants and nodes, and deduplicated item by item under an
 //! `Idempotency-Key`.

@@ -1,4 +1,4 @@
-//! `POST /disconnect` (SPEC.md): closes the matching sockets on every node,
+//! `POST /disconnect` (docs/protocol.md): closes the matching sockets on every node,
 //! counts them across the cluster, says when a node did not answer, and
 //! changes nothing on bad input; `revoke` reaches nodes started later. (What the official client sees, and that
 //! the session is not recoverable: `tests/e2e/disconnect.test.mjs`.)

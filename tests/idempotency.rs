@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on `/notify` (SPEC.md, "Idempotent `POST /notify`"):
+//! `Idempotency-Key` on `/notify` (docs/protocol.md, "`POST /notify`"):
 //! a repeat answers the first call's answer and delivers nothing again, on
 //! the same node or another, with any API key; another body is refused; a
 //! repeat racing the first call never delivers twice; a `503` is not kept.

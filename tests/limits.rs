@@ -1,4 +1,4 @@
-//! The limits of a node (README "Limits"): each refuses with a clear error,
+//! The limits of a node (docs/protocol.md, "Limits"): each refuses with a clear error,
 //! is counted in `channels_limit_refusals_total`, and leaves everyone else
 //! served.
 

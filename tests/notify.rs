@@ -1,4 +1,4 @@
-//! `POST /notify`: the three variants, and every refusal of SPEC.md, each of
+//! `POST /notify`: the three variants, and every refusal of docs/protocol.md, each of
 //! which delivers nothing.
 
 mod common;

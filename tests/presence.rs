@@ -1,4 +1,4 @@
-//! Presence (SPEC.md): `GET /presence?keycloak=`, `?channel=` and bulk
+//! Presence (docs/protocol.md): `GET /presence?keycloak=`, `?channel=` and bulk
 //! `POST /presence`, counted across every node, fresh within a second of a
 //! connect or disconnect, without a SIGKILLed node's sockets, incomplete
 //! when a node does not answer, and `503` without Redis.
@@ -11,7 +11,7 @@ use common::{redis::RedisServer, *};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(5);
-/// SPEC.md: an answer reflects every connect and disconnect older than this.
+/// docs/protocol.md: an answer reflects every connect and disconnect older than this.
 const FRESH: Duration = Duration::from_secs(1);
 
 async fn of_user(node: &TestNode, user: &str) -> Value {
@@ -191,7 +191,7 @@ async fn a_killed_node_drops_out_and_a_stopped_one_makes_it_incomplete() {
             json!({"online": {"alice": true, "bob": true, "carol": true}, "complete": true})
         )
     );
-    // SIGKILL: the node's sockets drop out (SPEC.md: within 30 s; Redis
+    // SIGKILL: the node's sockets drop out (docs/protocol.md: within 30 s; Redis
     // closes the dead node's subscription, so here at once).
     killed.signal("-KILL");
     let gone = eventually(Duration::from_secs(30), async || {

@@ -1,4 +1,4 @@
-//! Delivery receipts, `POST /notify?receipt=true` (SPEC.md): the sockets a
+//! Delivery receipts, `POST /notify?receipt=true` (docs/protocol.md): the sockets a
 //! notification was written to across the cluster, and whether every node
 //! that received it reported within a second.
 

@@ -1,4 +1,4 @@
-//! Nodes that share a Redis behave as one gateway (SPEC.md, cluster parts):
+//! Nodes that share a Redis behave as one gateway (docs/protocol.md and docs/operations.md, the cluster):
 //! delivery across nodes, targeted subscriptions, no subscribe window,
 //! order, and Redis outages. Each test runs its own redis-server.
 

@@ -1,5 +1,5 @@
 //! Socket.IO connections: who is accepted, who is reached, and that nothing
-//! is left behind (SPEC.md, "Socket.IO connection" and "Delivery guarantees").
+//! is left behind (docs/protocol.md, "Socket.IO" and "Delivery behaviour").
 
 mod common;
 

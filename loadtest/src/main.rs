@@ -1,5 +1,5 @@
 //! `loadtest`: the load generator and the side-by-side benchmark of channels
-//! against the Node baseline (README "Benchmarks", BENCHMARKS.md).
+//! against the Node baseline (docs/testing.md, "Benchmarks", and BENCHMARKS.md).
 //!
 //! `loadtest run <scenario> --server channels|node` runs one scenario;
 //! `loadtest compare` runs every scenario against both servers, alternating

@@ -29,7 +29,7 @@ pub const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A JWKS document larger than this is refused (a realm has a handful of keys).
 const MAX_JWKS_BYTES: usize = 256 * 1024;
-/// Longest accepted subject: SPEC.md caps a keycloakID at 256 characters.
+/// Longest accepted subject: docs/protocol.md caps a keycloakID at 256 characters.
 pub const MAX_SUBJECT_CHARS: usize = 256;
 
 /// Verifies upstream access tokens. Cheap to clone (an `Arc` inside).

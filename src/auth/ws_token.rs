@@ -137,7 +137,7 @@ impl WsTokens {
     }
 
     /// Verifies a ws token but its expiry, and says whether it expired:
-    /// SPEC.md lets an expired token of the same user recover a session
+    /// docs/protocol.md lets an expired token of the same user recover a session
     /// (never open a new one).
     pub fn verify_signed(&self, token: &str) -> Result<Signed, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {

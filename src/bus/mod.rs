@@ -2,7 +2,7 @@
 //! and each node delivers to its own sockets only from what the bus hands
 //! back ([`Deliver`]). There is no local shortcut, so every node sees the
 //! notifications in the same order, the order in which publishes completed;
-//! that is SPEC.md's ordering guarantee. The bus numbers them in that order
+//! that is docs/protocol.md's ordering guarantee. The bus numbers them in that order
 //! (their offset), and keeps them in a history a returning session can be
 //! replayed from ([`history`]).
 //!

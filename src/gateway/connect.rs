@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Why a connection was refused; its text is the `connect_error` message the
-/// client sees (SPEC.md: `unauthorized` or `bad_request`).
+/// client sees (docs/protocol.md: `unauthorized` or `bad_request`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectRefusal {
     /// Missing, malformed, expired or foreign token, or `sub` ≠ `keycloakID`.

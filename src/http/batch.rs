@@ -1,4 +1,4 @@
-//! `POST /notify/batch`: many notifications in one call (SPEC.md).
+//! `POST /notify/batch`: many notifications in one call (docs/protocol.md).
 //!
 //! The checks of `/notify` ([`super::notify`]) apply to the call, then to
 //! every item, and the batch is validated whole: the first bad item is

@@ -1,4 +1,4 @@
-//! `POST /disconnect`: closes a user's sockets on every node (SPEC.md).
+//! `POST /disconnect`: closes a user's sockets on every node (docs/protocol.md).
 //!
 //! Each closed socket gets a server-side disconnect (the client sees `io
 //! server disconnect` and does not reconnect on its own), and its session

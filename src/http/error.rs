@@ -1,5 +1,5 @@
 //! The one error type of the HTTP API: every refusal is a status code and a
-//! JSON body `{"error": "<code>", "message": "<human text>"}` (SPEC.md).
+//! JSON body `{"error": "<code>", "message": "<human text>"}` (docs/protocol.md).
 
 use axum::{
     Json,

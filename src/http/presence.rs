@@ -1,5 +1,5 @@
 //! `GET /presence` and `POST /presence`: who is online, across the cluster
-//! (SPEC.md). How it is gathered, and what it costs: [`crate::presence`].
+//! (docs/protocol.md). How it is gathered, and what it costs: [`crate::presence`].
 //!
 //! Every answer adds `complete`: false when a node did not answer within a
 //! second, so a count may be short.
@@ -110,7 +110,7 @@ pub async fn bulk(
     answer(&state, Query::Users(users)).await
 }
 
-/// Asks every node, and answers as SPEC.md shows.
+/// Asks every node, and answers as docs/protocol.md shows.
 async fn answer(state: &AppState, query: Query) -> Result<Json<Value>, ApiError> {
     let (presence, complete) = state
         .bus

@@ -1,4 +1,4 @@
-// Every refusal of SPEC.md, as the official client and a backend see it.
+// Every refusal of docs/protocol.md, as the official client and a backend see it.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { API_KEY, connect, notify, startNode, upstreamToken, userSocket, wsToken } from "./helpers.mjs";

@@ -1,5 +1,5 @@
 // The Node baseline of the channels benchmarks: the same contract as the
-// gateway (SPEC.md) on socket.io 4.8, written to be fast rather than
+// gateway (docs/protocol.md) on socket.io 4.8, written to be fast rather than
 // complete: a raw http server, HS256 ws-token checks with node:crypto, and
 // one room per target (channel, user, user+channel) so each /notify is a
 // single `io.to(room).emit`. With REDIS_URL it runs as a cluster node through
