@@ -36,6 +36,10 @@ struct Cli {
     /// baseline runs on one thread (BENCHMARKS.md, "One worker thread").
     #[arg(long, global = true, default_value_t = 1)]
     channels_workers: usize,
+    /// Pins the servers (and Redis) to CPU 0 and the generator to CPU 1, so
+    /// neither takes the other's core (`sched_setaffinity`).
+    #[arg(long, global = true)]
+    pin: bool,
     /// The Node baseline's folder (`npm ci` runs there when needed).
     #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/baseline/node"))]
     node_dir: PathBuf,
@@ -202,13 +206,30 @@ impl Scenario {
 /// (fanout against channels on two threads: 140,000 / 169,000 deliveries/s
 /// with a worker per core, 117,000-140,000 with one, 117,000-130,000 with
 /// none); the server's own did (BENCHMARKS.md, "One worker thread").
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.pin {
+        // Before the runtime starts: its threads inherit the mask.
+        servers::pin_current_thread(servers::GENERATOR_CPU)
+            .context("pinning the generator (--pin needs two CPUs)")?;
+        eprintln!(
+            "  generator on CPUs {}",
+            servers::allowed_cpus(std::process::id())
+        );
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let programs = Programs {
         channels: cli.channels_bin,
         channels_workers: cli.channels_workers,
         node_dir: cli.node_dir,
+        pin: cli.pin,
     };
     match cli.command {
         Command::Run {

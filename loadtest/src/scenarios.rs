@@ -339,7 +339,7 @@ pub async fn targeted(
     batch: usize,
 ) -> anyhow::Result<Report> {
     let redis = if nodes > 1 {
-        Some(Redis::start().await?)
+        Some(Redis::start(programs.pin).await?)
     } else {
         None
     };
@@ -456,7 +456,7 @@ pub async fn targeted(
 /// complete count (channels only: the Node baseline has no presence).
 pub async fn presence(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
     anyhow::ensure!(kind.is_channels(), "presence is a channels endpoint");
-    let redis = Redis::start().await?;
+    let redis = Redis::start(programs.pin).await?;
     let mut servers = Vec::new();
     for _ in 0..2 {
         servers.push(Server::start(kind, programs, Some(&redis.url)).await?);
@@ -556,7 +556,7 @@ const REPLAYS: usize = 5;
 /// reconnect to the last replayed notification, [`REPLAYS`] times (p50 and
 /// max of those). Every replay must be recovered and exact.
 pub async fn replay(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
-    let redis = Redis::start().await?;
+    let redis = Redis::start(programs.pin).await?;
     let server = Server::start(kind, programs, Some(&redis.url)).await?;
     let sources = Sources::new();
     let tokens = tokens();

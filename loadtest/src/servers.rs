@@ -57,6 +57,38 @@ pub struct Programs {
     pub channels_workers: usize,
     /// The Node baseline's folder, with its `node_modules` installed.
     pub node_dir: PathBuf,
+    /// `--pin`: servers and Redis on [`SERVER_CPU`], the generator on the
+    /// other (`main`).
+    pub pin: bool,
+}
+
+/// The CPU the servers (and Redis) run on with `--pin`.
+pub const SERVER_CPU: usize = 0;
+/// The CPU the generator runs on with `--pin`.
+pub const GENERATOR_CPU: usize = 1;
+
+/// Restricts the calling thread, and the threads and processes it starts
+/// from then on, to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it,
+    // and sched_setaffinity reads exactly its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Makes `command`'s process run on [`SERVER_CPU`] only.
+fn pin_to_server_cpu(command: &mut Command) {
+    // SAFETY: between fork and exec the closure calls only
+    // sched_setaffinity (async-signal-safe) on a set built on its stack.
+    unsafe {
+        command.pre_exec(|| pin_current_thread(SERVER_CPU));
+    }
 }
 
 /// A running server process, killed when dropped.
@@ -118,6 +150,9 @@ impl Server {
                 c
             }
         };
+        if programs.pin {
+            pin_to_server_cpu(&mut command);
+        }
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -125,6 +160,10 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting the {kind:?} server"))?;
         let server = Server { child, addr };
+        if programs.pin {
+            let pid = server.child.id().expect("running");
+            eprintln!("  {} server on CPUs {}", kind.name(), allowed_cpus(pid));
+        }
         server.wait_healthy().await?;
         Ok(server)
     }
@@ -163,9 +202,14 @@ pub struct Redis {
 }
 
 impl Redis {
-    pub async fn start() -> anyhow::Result<Self> {
+    /// A private redis-server, on the servers' CPU when `pin`.
+    pub async fn start(pin: bool) -> anyhow::Result<Self> {
         let port = free_port()?;
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if pin {
+            pin_to_server_cpu(&mut command);
+        }
+        let child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -190,6 +234,19 @@ impl Redis {
     pub fn cpu_ticks(&self) -> u64 {
         cpu_ticks(self.child.id().expect("running"))
     }
+}
+
+/// The CPUs process `pid` may run on, as the kernel lists them.
+pub fn allowed_cpus(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -164,3 +164,26 @@ fn batches_against_both_servers_and_presence_lose_nothing() {
     }
     assert!(stdout.contains("| batch |"), "{stdout}");
 }
+
+#[test]
+fn pinned_runs_keep_the_servers_and_the_generator_apart() {
+    let (stdout, stderr) = loadtest(&[
+        "--pin",
+        "run",
+        "cluster",
+        "--connections",
+        "20",
+        "--posters",
+        "2",
+        "--seconds",
+        "1",
+    ]);
+    // Read back from /proc, not merely asked for.
+    assert!(stderr.contains("generator on CPUs 1"), "{stderr}");
+    assert_eq!(
+        stderr.matches("channels server on CPUs 0\n").count(),
+        2,
+        "both nodes:\n{stderr}"
+    );
+    assert!(stdout.contains("\"lost\":0"), "{stdout}");
+}
