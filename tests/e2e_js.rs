@@ -29,7 +29,14 @@ fn official_socket_io_client_suite() {
         assert!(status.success(), "npm ci failed in tests/e2e");
     }
     let output = Command::new("node")
-        .args(["--test", "--test-concurrency=1", "--test-reporter=spec"])
+        // A test that hangs fails after 5 minutes, named, instead of
+        // holding the whole suite (node's default is no timeout).
+        .args([
+            "--test",
+            "--test-concurrency=1",
+            "--test-timeout=300000",
+            "--test-reporter=spec",
+        ])
         .current_dir(&suite)
         .env("CHANNELS_BIN", env!("CARGO_BIN_EXE_channels"))
         .output()
