@@ -172,6 +172,27 @@ pub(super) fn header_key(state: &AppState, headers: &HeaderMap) -> Result<Option
         .transpose()
 }
 
+/// A JSON-object body of type `T` (`/disconnect`, `POST /presence`),
+/// checked in `/notify`'s order: media type, size, header key, JSON; with
+/// the header's key number, if any.
+pub(super) async fn object_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(T, Option<usize>), ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = read_body(state, headers, body, state.max_body_bytes).await?;
+    let header_key = header_key(state, headers)?;
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    }
+    let body = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid: {e}")))?;
+    Ok((body, header_key))
+}
+
 /// The call's key number: the header's, else the body's `API_KEY`.
 pub(super) fn api_key(
     state: &AppState,

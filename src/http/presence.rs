@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::{
     AppState, ClientAddr,
     error::ApiError,
-    notify::{api_key, header_key, is_json, read_body, unauthorized},
+    notify::{api_key, header_key, object_body, unauthorized},
 };
 use crate::{
     notification::{Channel, KeycloakId},
@@ -76,16 +76,7 @@ pub async fn bulk(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     state.limiters.check_notify_address(client)?;
-    if !is_json(&headers) {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    let bytes = read_body(&state, &headers, body, state.max_body_bytes).await?;
-    let header_key = header_key(&state, &headers)?;
-    if bytes.trim_ascii_start().first() != Some(&b'{') {
-        return Err(ApiError::BadRequest("body must be a JSON object".into()));
-    }
-    let body: BulkBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("body is not valid: {e}")))?;
+    let (body, header_key): (BulkBody, _) = object_body(&state, &headers, body).await?;
     let key = api_key(&state, header_key, &body.api_key)?;
     state.limiters.check_notify_key(key)?;
     let listed = match &body.keycloaks {
