@@ -5,7 +5,11 @@
 //! `check-config` and `check-token` say is what a node with that
 //! environment would do.
 
-use std::{io::Read, process::ExitCode, time::Duration};
+use std::{
+    io::{Read, Write},
+    process::ExitCode,
+    time::Duration,
+};
 
 use base64::Engine;
 use clap::{Parser, Subcommand};
@@ -14,7 +18,10 @@ use serde_json::Value;
 
 use crate::{
     auth::{UpstreamVerifier, WsTokens},
-    config::{Config, Secret, dev},
+    config::{
+        Config, LogFormat, Secret, dev,
+        settings::{self, Setting},
+    },
     notification::KeycloakId,
 };
 
@@ -57,7 +64,7 @@ enum Command {
         token: Option<String>,
     },
     /// Validate the environment and print the effective configuration, with
-    /// secrets masked. Exits 2 on the first invalid setting.
+    /// secrets masked. Exits 2 naming every invalid or missing setting.
     CheckConfig,
     /// Exit 0 if the node at `--url` answers `/healthz` (container health checks).
     Probe {
@@ -71,12 +78,10 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // Read here rather than by clap, whose error would name `--dev`.
-    let dev_mode = match std::env::var("CHANNELS_DEV") {
-        Ok(value) if !cli.dev => match crate::config::parse_bool("CHANNELS_DEV", &value) {
-            Ok(dev) => dev,
-            Err(e) => return report(Err(Failure(format!("configuration error: {e}"), 2))),
-        },
-        _ => cli.dev,
+    let dev_mode = match from_env(&settings::DEV, false) {
+        _ if cli.dev => true,
+        Ok(dev) => dev.unwrap_or(false),
+        Err(failure) => return report(Err(failure)),
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(dev_mode),
@@ -94,7 +99,8 @@ struct Failure(String, u8);
 fn report(result: Result<String, Failure>) -> ExitCode {
     match result {
         Ok(out) => {
-            println!("{out}");
+            // Not println!, which panics when the reader has gone (`| head`).
+            let _ = writeln!(std::io::stdout(), "{out}");
             ExitCode::SUCCESS
         }
         Err(Failure(message, code)) => {
@@ -106,6 +112,26 @@ fn report(result: Result<String, Failure>) -> ExitCode {
 
 fn config(dev_mode: bool) -> Result<Config, Failure> {
     Config::from_env(dev_mode).map_err(|e| Failure(format!("configuration error: {e}"), 2))
+}
+
+/// One setting from the process environment, for the commands that need
+/// only it: its value, or the one that applies unset in this mode.
+fn from_env<T>(setting: &Setting<T>, dev_mode: bool) -> Result<Option<T>, Failure> {
+    let raw = std::env::var(setting.name())
+        .ok()
+        .filter(|raw| !raw.trim().is_empty());
+    let Some(raw) = raw.as_deref().or(setting.about.unset_value(dev_mode)) else {
+        return Ok(None);
+    };
+    (setting.parse)(raw.trim()).map(Some).map_err(|reason| {
+        Failure(
+            format!(
+                "configuration error: {} is invalid: {reason}",
+                setting.name()
+            ),
+            2,
+        )
+    })
 }
 
 /// A runtime with `worker_threads` worker threads, or one per core: a
@@ -123,11 +149,11 @@ fn runtime(worker_threads: Option<usize>) -> tokio::runtime::Runtime {
 }
 
 fn serve(dev_mode: bool) -> ExitCode {
-    init_logging();
     let config = match config(dev_mode) {
         Ok(config) => config,
         Err(failure) => return report(Err(failure)),
     };
+    init_logging(&config);
     if config.dev_mode {
         tracing::warn!(
             "DEV MODE: fixed public secrets, API key {:?}; never use in production",
@@ -159,15 +185,13 @@ fn serve(dev_mode: bool) -> ExitCode {
     })
 }
 
-/// `CHANNELS_LOG` (an `EnvFilter`, default `info`) and `CHANNELS_LOG_FORMAT`
-/// (`pretty` or `json`). Colours only when stderr is a terminal, so a log
-/// file or a log collector gets no escape codes.
-fn init_logging() {
+/// `CHANNELS_LOG` and `CHANNELS_LOG_FORMAT`. Colours only when stderr is a
+/// terminal, so a log file or a log collector gets no escape codes.
+fn init_logging(config: &Config) {
     use std::io::IsTerminal;
     use tracing_subscriber::{filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt};
 
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CHANNELS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::new(&config.log);
     // tungstenite logs every received websocket message at trace level, and
     // a client's CONNECT message carries its token: its trace events (and
     // tokio-tungstenite's, a line per read and write) are dropped whatever
@@ -184,7 +208,7 @@ fn init_logging() {
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var("CHANNELS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+    if config.log_format == LogFormat::Json {
         registry.with(layer.json()).init();
     } else {
         registry.with(layer).init();
@@ -203,16 +227,14 @@ async fn shutdown_signal() {
 
 fn gen_token(user: &str, ws: bool, ttl: u64, dev_mode: bool) -> Result<String, Failure> {
     let user = KeycloakId::parse(user).map_err(|e| Failure(format!("--user {e}"), 2))?;
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if ws {
-        let secret = var("CHANNELS_WS_TOKEN_SECRET")
-            .or_else(|| dev_mode.then(|| dev::WS_TOKEN_SECRET.to_string()))
+        let secret = from_env(&settings::WS_TOKEN_SECRET, dev_mode)?
             .ok_or_else(|| Failure("CHANNELS_WS_TOKEN_SECRET is required (or --dev)".into(), 2))?;
-        let tokens = WsTokens::new(&Secret::new(secret), Duration::from_secs(ttl));
+        let tokens = WsTokens::new(&secret, Duration::from_secs(ttl));
         return Ok(tokens.mint(&user));
     }
-    let secret = var("CHANNELS_AUTH_HS256_SECRET")
-        .or_else(|| dev_mode.then(|| dev::UPSTREAM_SECRET.to_string()))
+    let secret = from_env(&settings::AUTH_HS256_SECRET, dev_mode)?
+        .or_else(|| dev_mode.then(|| Secret::new(dev::UPSTREAM_SECRET)))
         .ok_or_else(|| {
             Failure(
                 "CHANNELS_AUTH_HS256_SECRET is required (or --dev); \
@@ -223,16 +245,16 @@ fn gen_token(user: &str, ws: bool, ttl: u64, dev_mode: bool) -> Result<String, F
         })?;
     let now = jsonwebtoken::get_current_timestamp();
     let mut claims = serde_json::json!({"sub": user.as_str(), "iat": now, "exp": now + ttl});
-    if let Some(iss) = var("CHANNELS_AUTH_ISSUER") {
-        claims["iss"] = iss.split(',').next().unwrap_or_default().trim().into();
+    if let Some(iss) = from_env(&settings::AUTH_ISSUER, dev_mode)? {
+        claims["iss"] = iss[0].as_str().into();
     }
-    if let Some(aud) = var("CHANNELS_AUTH_AUDIENCE") {
-        claims["aud"] = aud.split(',').next().unwrap_or_default().trim().into();
+    if let Some(aud) = from_env(&settings::AUTH_AUDIENCE, dev_mode)? {
+        claims["aud"] = aud[0].as_str().into();
     }
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+        &EncodingKey::from_secret(secret.expose().as_bytes()),
     )
     .expect("HS256 encoding cannot fail"))
 }
@@ -347,27 +369,44 @@ fn check_config(dev_mode: bool) -> Result<String, Failure> {
             2,
         ));
     }
-    let width = config
-        .describe()
+    let described = config.describe();
+    let width = described.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let lines: Vec<String> = described
         .iter()
-        .map(|(k, _)| k.len())
-        .max()
-        .unwrap_or(0);
-    let lines: Vec<String> = config
-        .describe()
-        .into_iter()
-        .map(|(var, value)| format!("{var:width$}  {value}"))
+        .map(|(var, value)| {
+            let value = if *var == settings::MAX_CONNECTIONS.name() {
+                max_connections(config.limits.max_connections, value)
+            } else {
+                value.clone()
+            };
+            format!("{var:width$}  {value}")
+        })
         .collect();
     Ok(format!("configuration is valid\n{}", lines.join("\n")))
 }
 
+/// `CHANNELS_MAX_CONNECTIONS` as shown, and the cap a node would apply
+/// under this process's descriptor limit, which it raises to the hard one
+/// at start.
+fn max_connections(configured: usize, shown: &str) -> String {
+    use crate::limits::descriptors;
+    match descriptors::hard_limit().map(|hard| descriptors::cap(configured, hard)) {
+        Ok(Ok(cap)) => match cap.why {
+            Some(why) => format!("{shown} (applied: {}; {why})", cap.applied),
+            None => shown.to_string(),
+        },
+        Ok(Err(e)) => format!("{shown} (a node cannot start: {e})"),
+        Err(e) => format!("{shown} (descriptor limit unknown: {e})"),
+    }
+}
+
 /// The misspelled `CHANNELS_*` variables of this process's environment,
-/// described ([`crate::config::unknown_variables`]).
+/// described ([`settings::unknown_variables`]).
 fn unknown_variables() -> Vec<String> {
     let names: Vec<String> = std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
         .collect();
-    crate::config::describe_unknown(&crate::config::unknown_variables(
+    settings::describe_unknown(&settings::unknown_variables(
         names.iter().map(String::as_str),
     ))
 }

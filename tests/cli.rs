@@ -251,11 +251,21 @@ fn check_config_prints_the_effective_settings_with_secrets_masked() {
             assert!(!out.contains(part), "{part} printed: {out}");
         }
     }
+    // Every problem at once, each named, and nothing else.
     let mut bad = PROD.to_vec();
     bad.push(("CHANNELS_SOCKET_QUEUE", "many"));
+    bad.push(("CHANNELS_PING_TIMEOUT", "0"));
+    bad.push(("CHANNELS_LOG", "channels=loud"));
     let (code, _, err) = run(&["check-config"], &bad);
     assert_eq!(code, 2);
-    assert!(err.contains("CHANNELS_SOCKET_QUEUE"), "{err}");
+    assert!(err.contains("3 problems"), "{err}");
+    for var in [
+        "CHANNELS_SOCKET_QUEUE",
+        "CHANNELS_PING_TIMEOUT",
+        "CHANNELS_LOG",
+    ] {
+        assert!(err.contains(&format!("{var} is invalid")), "{var}: {err}");
+    }
 }
 
 #[test]

@@ -324,8 +324,8 @@ async fn limits_are_validated_at_start_up_and_shown_by_check_config() {
         true,
     )
     .unwrap();
-    let described: std::collections::HashMap<_, _> = config.describe().into_iter().collect();
+    let described: std::collections::HashMap<_, _> = config.describe().iter().cloned().collect();
     assert_eq!(described["CHANNELS_NOTIFY_RATE_PER_ADDRESS"], "off");
-    assert_eq!(described["CHANNELS_CONNECT_RATE"], "50/s, burst 200");
-    assert_eq!(described["CHANNELS_MAX_SOCKETS_PER_USER"], "32");
+    assert_eq!(described["CHANNELS_CONNECT_RATE"], "50:200 (default)");
+    assert_eq!(described["CHANNELS_MAX_SOCKETS_PER_USER"], "32 (default)");
 }

@@ -9,24 +9,9 @@ pub mod api_keys;
 pub mod upstream;
 pub mod ws_token;
 
-use std::path::PathBuf;
-
-use crate::config::Secret;
-
 pub use api_keys::ApiKeys;
 pub use upstream::UpstreamVerifier;
 pub use ws_token::WsTokens;
-
-/// Where the keys that verify upstream access tokens come from.
-#[derive(Clone, Debug)]
-pub enum UpstreamKeySource {
-    /// `CHANNELS_AUTH_JWKS_URL`: the identity provider's JWKS endpoint.
-    JwksUrl(String),
-    /// `CHANNELS_AUTH_JWKS_FILE`: a JWKS document on disk.
-    JwksFile(PathBuf),
-    /// `CHANNELS_AUTH_HS256_SECRET`: a shared HMAC secret.
-    Hs256(Secret),
-}
 
 /// The longest token either verifier reads. A Keycloak access token with
 /// many roles is a few KiB; anything far larger is refused before it is

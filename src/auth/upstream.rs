@@ -20,8 +20,8 @@ use jsonwebtoken::{
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
 };
 
-use super::{Claims, MAX_TOKEN_BYTES, TokenError, UpstreamKeySource, ws_token::WS_AUDIENCE};
-use crate::config::UpstreamConfig;
+use super::{Claims, MAX_TOKEN_BYTES, TokenError, ws_token::WS_AUDIENCE};
+use crate::config::{UpstreamConfig, UpstreamKeySource};
 
 /// The shortest time between two JWKS fetches triggered by unknown `kid`s.
 pub const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);

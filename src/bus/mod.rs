@@ -21,9 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use local::LocalBus;
-pub use redis::{
-    ASK_TIMEOUT, RedisBus, RedisSettings, SENTINEL_SCHEME, SentinelUrl, UNSUBSCRIBE_DELAY,
-};
+pub use redis::{ASK_TIMEOUT, RedisBus, UNSUBSCRIBE_DELAY};
 
 use self::history::{Missed, Recovering};
 use crate::{

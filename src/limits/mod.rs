@@ -15,7 +15,7 @@
 pub mod descriptors;
 pub mod listener;
 
-use std::{hash::Hash, net::IpAddr, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
+use std::{hash::Hash, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::http::{HeaderMap, HeaderName};
 use governor::{
@@ -24,59 +24,12 @@ use governor::{
     state::keyed::DefaultKeyedStateStore,
 };
 
-use crate::metrics::Metrics;
+use crate::{
+    config::{Rate, RateLimits},
+    metrics::Metrics,
+};
 
 pub use listener::{ConnectionLimit, PeerAddr, Place, bind};
-
-/// A rate: `per_second` calls on average, `burst` at once. Written
-/// `RATE[:BURST]` in the environment (`50:200`; the burst defaults to the
-/// rate), or `off`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rate {
-    pub per_second: NonZeroU32,
-    pub burst: NonZeroU32,
-}
-
-impl FromStr for Rate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let number = |n: &str| {
-            n.trim()
-                .parse::<NonZeroU32>()
-                .map_err(|_| format!("{n:?} is not a positive whole number"))
-        };
-        let (rate, burst) = match s.split_once(':') {
-            Some((rate, burst)) => (number(rate)?, number(burst)?),
-            None => (number(s)?, number(s)?),
-        };
-        Ok(Rate {
-            per_second: rate,
-            burst,
-        })
-    }
-}
-
-impl std::fmt::Display for Rate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/s, burst {}", self.per_second, self.burst)
-    }
-}
-
-/// The rate limits of a node, from [`crate::config::Limits`].
-#[derive(Clone, Debug, Default)]
-pub struct RateLimits {
-    /// Engine.io handshakes (new socket.io connections) per client address.
-    pub connect: Option<Rate>,
-    /// `GET /authorize` calls per client address.
-    pub authorize: Option<Rate>,
-    /// `POST /notify` calls per API key.
-    pub notify_per_key: Option<Rate>,
-    /// `POST /notify` calls per client address, checked before the key.
-    pub notify_per_address: Option<Rate>,
-    /// A header naming the client address, set by a trusted proxy in front
-    /// of the node (`X-Forwarded-For`: its last entry is used).
-    pub client_address_header: Option<HeaderName>,
-}
 
 /// A refused call: which limit, and when the caller may try again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,17 +186,6 @@ pub fn nested_deeper_than(raw: &str, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rates_read_as_rate_and_optional_burst() {
-        let r: Rate = "50:200".parse().unwrap();
-        assert_eq!((r.per_second.get(), r.burst.get()), (50, 200));
-        let r: Rate = "7".parse().unwrap();
-        assert_eq!((r.per_second.get(), r.burst.get()), (7, 7));
-        assert!("0".parse::<Rate>().is_err());
-        assert!("10:".parse::<Rate>().is_err());
-        assert!("ten".parse::<Rate>().is_err());
-    }
 
     #[test]
     fn depth_counts_brackets_outside_strings_only() {

@@ -8,8 +8,8 @@
 use std::{sync::LazyLock, time::Duration};
 
 use channels::{
-    auth::{UpstreamKeySource, UpstreamVerifier, WsTokens},
-    config::{Secret, UpstreamConfig},
+    auth::{UpstreamVerifier, WsTokens},
+    config::{Secret, UpstreamConfig, UpstreamKeySource},
     gateway::check_auth,
     http::notify::parse_body,
     limits::nested_deeper_than,

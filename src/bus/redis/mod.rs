@@ -54,42 +54,14 @@ use super::{
     history::{Missed, Recovering, StreamKey, merge, retention},
 };
 use crate::{
-    config::Config,
+    config::{Config, RedisSettings},
     metrics::Metrics,
     notification::{Channel, KeycloakId, Notification, Target},
     recovery::{self, Ended, NODE_DEAD_AFTER, NodeId, NotRecoverable, Offset, Origin, Session},
 };
 
-pub use connection::{SENTINEL_SCHEME, SentinelUrl};
 pub use requests::ASK_TIMEOUT;
 pub use topics::UNSUBSCRIBE_DELAY;
-
-/// How to reach Redis. Its `Debug` masks passwords in the URLs.
-#[derive(Clone)]
-pub struct RedisSettings {
-    /// `CHANNELS_REDIS_URL`: one `redis://` / `rediss://` URL, or, for a
-    /// cluster, several comma-separated seed nodes.
-    pub urls: Vec<String>,
-    /// `CHANNELS_REDIS_CLUSTER`: use sharded pub/sub on a Redis Cluster.
-    pub cluster: bool,
-    /// `CHANNELS_REDIS_PREFIX`: prefix of every topic name.
-    pub prefix: String,
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<String> = self
-            .urls
-            .iter()
-            .map(|u| crate::config::mask_url(u))
-            .collect();
-        f.debug_struct("RedisSettings")
-            .field("urls", &urls)
-            .field("cluster", &self.cluster)
-            .field("prefix", &self.prefix)
-            .finish()
-    }
-}
 
 /// The publishing half of the Redis bus. Cheap to clone.
 #[derive(Clone)]
