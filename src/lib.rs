@@ -29,7 +29,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use socketioxide::SocketIo;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::{ApiKeys, UpstreamVerifier, WsTokens},
@@ -53,8 +53,10 @@ pub struct Node {
     /// Stops the bus's tasks once the sockets are closed, so the records of
     /// their sessions' ends still go out.
     stop_bus: CancellationToken,
-    /// Every other task the node started; awaited on shutdown.
-    tasks: Vec<JoinHandle<()>>,
+    /// Every task the node starts but the server's: the bus's, the
+    /// sweeper's, and the short ones of a connect, an eviction or a reply
+    /// to another node. Closed and awaited on shutdown.
+    tasks: TaskTracker,
     config: Config,
 }
 
@@ -85,6 +87,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         .map_err(StartError::Auth)?;
 
     let node = NodeId::random();
+    let tasks = TaskTracker::new();
     let closing = gateway::Closing::default();
     let delivery = Arc::new(Delivery::new(
         registry.clone(),
@@ -93,10 +96,18 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         config.recovery.enabled(),
         closing.clone(),
         ws_tokens.clone(),
+        tasks.clone(),
     ));
     let stop_bus = CancellationToken::new();
-    let (bus, mut tasks) = Bus::start(&config, node, delivery, metrics.clone(), stop_bus.clone())
-        .map_err(StartError::Bus)?;
+    let bus = Bus::start(
+        &config,
+        node,
+        delivery,
+        metrics.clone(),
+        stop_bus.clone(),
+        &tasks,
+    )
+    .map_err(StartError::Bus)?;
 
     let shutting_down = CancellationToken::new();
     let state = http::AppState {
@@ -122,15 +133,13 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
             .enabled()
             .then(|| Arc::new(RecoveryState::new(&config, node))),
         closing,
+        tasks: tasks.clone(),
     };
     let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
     let app = http::app(socket_io, &config, limiters.clone());
 
     let addr = listener.local_addr()?;
-    tasks.push(tokio::spawn(forget_idle_clients(
-        limiters.clone(),
-        shutting_down.clone(),
-    )));
+    tasks.spawn(forget_idle_clients(limiters.clone(), shutting_down.clone()));
     // The whole process's limit: a node is the process's purpose.
     let descriptors = limits::descriptors::raise()?;
     let cap = limits::descriptors::cap(config.limits.max_connections, descriptors)
@@ -192,6 +201,12 @@ impl Node {
         &self.metrics
     }
 
+    /// Every task the node has running but its server's; empty and closed
+    /// once [`Node::shutdown`] has returned `true`.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
     /// Graceful shutdown (docs/protocol.md): turn not-ready and stop accepting, close
     /// every socket so its client reconnects elsewhere (and records its
     /// session's end, so it can recover there), let in-flight HTTP calls
@@ -213,9 +228,8 @@ impl Node {
             io.close().await;
             let _ = (&mut server).await;
             stop_bus.cancel();
-            for task in tasks {
-                let _ = task.await;
-            }
+            tasks.close();
+            tasks.wait().await;
         };
         let in_time = tokio::time::timeout(config.shutdown_timeout, graceful)
             .await

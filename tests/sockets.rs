@@ -332,6 +332,78 @@ async fn shutdown_closes_every_socket_and_finishes_in_time() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// Shutdown owns every task the node started: once it returns, none is
+/// left running, on a cluster node that served sockets, notifications and
+/// another node's question. The node runs on a runtime of its own, so that
+/// runtime's count of live tasks is the node's alone.
+#[tokio::test]
+async fn no_task_outlives_a_shutdown() {
+    let redis = redis::RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = config(&[
+        ("CHANNELS_REDIS_URL", &redis.url()),
+        ("CHANNELS_SHUTDOWN_TIMEOUT", "5"),
+    ]);
+    let node = runtime
+        .spawn(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            channels::start(config, listener)
+                .await
+                .expect("node starts")
+        })
+        .await
+        .unwrap();
+    let other = redis_node(&redis).await;
+    let addr = node.local_addr();
+    let served = TestNode {
+        node,
+        addr,
+        http: reqwest::Client::new(),
+    };
+    assert!(eventually(WAIT, async || node_ready(&served).await).await);
+    let mut alice = served.socket("alice", "admin").await;
+    // A notification, and a presence question that both nodes answer.
+    assert_eq!(
+        send_to(&other, json!({"keycloak": "alice"}), json!("hi")).await,
+        200
+    );
+    assert!(alice.notification(WAIT).await.is_some());
+    let (status, presence) =
+        get_with_key(&other.addr.to_string(), "/presence?keycloak=alice").await;
+    assert_eq!(
+        (status, &presence["complete"]),
+        (200, &json!(true)),
+        "{presence}"
+    );
+
+    let tasks = served.node.tasks().clone();
+    assert!(!tasks.is_empty(), "the node's tasks are tracked");
+    let metrics = served.node.metrics().clone();
+    let finished = runtime.spawn(served.node.shutdown());
+    assert!(alice.closed_within(WAIT).await);
+    assert!(finished.await.unwrap(), "shutdown finished in time");
+    assert!(tasks.is_closed() && tasks.is_empty(), "{tasks:?}");
+    // Every socket's disconnect handler ran (it records the session's end,
+    // so the client can recover on another node).
+    assert!(
+        metrics.render().contains("\nchannels_sockets 0\n"),
+        "{}",
+        metrics.render()
+    );
+    let runtime_metrics = runtime.metrics();
+    let none_left = eventually(WAIT, async || runtime_metrics.num_alive_tasks() == 0).await;
+    assert!(
+        none_left,
+        "{} tasks still alive on the node's runtime",
+        runtime_metrics.num_alive_tasks()
+    );
+    runtime.shutdown_background();
+}
+
 /// A client's message is read in chunks of 64 bytes (the gateway keeps
 /// its websocket read buffer small); one of many chunks still arrives
 /// whole: a CONNECT of about 3 KB, its token and identity at the end.

@@ -15,11 +15,8 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     BusError, Deliver, Gathered,
@@ -66,7 +63,8 @@ impl LocalBus {
         config: &Config,
         sink: Arc<dyn Deliver>,
         stop: CancellationToken,
-    ) -> (Self, JoinHandle<()>) {
+        tasks: &TaskTracker,
+    ) -> Self {
         let (tx, mut rx) =
             mpsc::channel::<(Notification, Option<oneshot::Sender<usize>>)>(QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
@@ -80,7 +78,7 @@ impl LocalBus {
         });
         let dispatcher = shared.clone();
         let requests = sink.clone();
-        let task = tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
             loop {
                 tokio::select! {
@@ -104,15 +102,12 @@ impl LocalBus {
             config.idempotency.window,
             config.idempotency.max_keys,
         ));
-        (
-            Self {
-                tx,
-                shared,
-                idempotency,
-                sink: requests,
-            },
-            task,
-        )
+        Self {
+            tx,
+            shared,
+            idempotency,
+            sink: requests,
+        }
     }
 
     pub fn sink(&self) -> &dyn Deliver {

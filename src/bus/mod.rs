@@ -17,8 +17,7 @@ mod redis;
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use local::LocalBus;
 pub use redis::{ASK_TIMEOUT, RedisBus, UNSUBSCRIBE_DELAY};
@@ -89,23 +88,23 @@ pub enum Bus {
 
 impl Bus {
     /// Starts the bus the configuration asks for, delivering to `sink`. Its
-    /// tasks run until `stop` is cancelled; the caller awaits the handles.
+    /// tasks, on `tasks`, run until `stop` is cancelled.
     pub fn start(
         config: &Config,
         node: NodeId,
         sink: Arc<dyn Deliver>,
         metrics: Metrics,
         stop: CancellationToken,
-    ) -> Result<(Self, Vec<JoinHandle<()>>), String> {
+        tasks: &TaskTracker,
+    ) -> Result<Self, String> {
         match &config.redis {
             Some(settings) => {
-                let (bus, tasks) = RedisBus::start(config, settings, node, sink, metrics, stop)?;
-                Ok((Bus::Redis(bus), tasks))
+                let bus = RedisBus::start(config, settings, node, sink, metrics, stop, tasks)?;
+                Ok(Bus::Redis(bus))
             }
             None => {
                 metrics.handles().bus_up.set(1);
-                let (bus, task) = LocalBus::start(config, sink, stop);
-                Ok((Bus::Local(bus), vec![task]))
+                Ok(Bus::Local(LocalBus::start(config, sink, stop, tasks)))
             }
         }
     }

@@ -230,7 +230,8 @@ pub(super) async fn authenticate(
             on_leave.unregister(&gateway, &s)
         },
     );
-    tokio::spawn(forget_if_never_connected(gateway, member, socket));
+    let tasks = gateway.tasks.clone();
+    tasks.spawn(forget_if_never_connected(gateway, member, socket));
     Ok(())
 }
 

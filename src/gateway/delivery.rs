@@ -14,6 +14,7 @@ use std::{sync::Arc, time::Duration};
 
 use dashmap::DashSet;
 use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
+use tokio_util::task::TaskTracker;
 
 use super::{Closing, Recipient, SocketRegistry};
 use crate::{
@@ -45,6 +46,8 @@ pub struct Delivery {
     closing: Closing,
     /// For `POST /disconnect` with `revoke`.
     ws_tokens: WsTokens,
+    /// The node's tasks: each eviction runs on one.
+    tasks: TaskTracker,
 }
 
 impl Delivery {
@@ -55,6 +58,7 @@ impl Delivery {
         offsets: bool,
         closing: Closing,
         ws_tokens: WsTokens,
+        tasks: TaskTracker,
     ) -> Self {
         let evict_give_up = config.ping_interval + config.ping_timeout + Duration::from_secs(5);
         Self {
@@ -65,6 +69,7 @@ impl Delivery {
             offsets,
             closing,
             ws_tokens,
+            tasks,
         }
     }
 }
@@ -106,7 +111,8 @@ impl Deliver for Delivery {
                 Ok(()) => closed += 1,
                 Err(SocketError::InternalChannelFull) => {
                     // A slow client: its queue cannot take the DISCONNECT.
-                    tokio::spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
+                    self.tasks
+                        .spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
                     closed += 1;
                 }
                 Err(_) => {
@@ -158,7 +164,8 @@ impl Deliver for Delivery {
                     if self.evicting.insert(socket.id) {
                         handles.slow_client_disconnects.inc();
                         tracing::info!(sid = %socket.id, "slow client: send queue full, disconnecting");
-                        tokio::spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
+                        self.tasks
+                            .spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
                     }
                 }
                 // Closed: the socket is on its way out and its disconnect

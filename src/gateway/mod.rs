@@ -15,6 +15,7 @@ use socketioxide::{
 
 use dashmap::DashMap;
 use socketioxide::socket::Sid;
+use tokio_util::task::TaskTracker;
 
 use crate::{
     auth::WsTokens,
@@ -98,6 +99,8 @@ pub struct Gateway {
     /// the gateway, and the pid key alone is 192 bytes.
     pub recovery: Option<Arc<RecoveryState>>,
     pub closing: Closing,
+    /// The node's tasks: each connect's check that it completed runs on one.
+    pub tasks: TaskTracker,
 }
 
 /// What the connect path needs to give and recover sessions.

@@ -37,10 +37,9 @@ use std::{
 
 use tokio::{
     sync::{mpsc, oneshot},
-    task::JoinHandle,
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::{
     connection::{Connection, Connector},
@@ -109,6 +108,8 @@ struct Shared {
     asking: dashmap::DashMap<u64, mpsc::UnboundedSender<bytes::Bytes>>,
     next_request: AtomicU64,
     metrics: Metrics,
+    /// The node's tasks: a reply to another node's request is sent on one.
+    tasks: TaskTracker,
 }
 
 impl Shared {
@@ -138,7 +139,8 @@ impl RedisBus {
         sink: Arc<dyn Deliver>,
         metrics: Metrics,
         stop: CancellationToken,
-    ) -> Result<(Self, Vec<JoinHandle<()>>), String> {
+        tasks: &TaskTracker,
+    ) -> Result<Self, String> {
         let connector = Connector::new(settings)?;
         let recovery = config.recovery.enabled().then(|| HistorySettings {
             retention: retention(config),
@@ -162,6 +164,7 @@ impl RedisBus {
             asking: dashmap::DashMap::new(),
             next_request: AtomicU64::new(0),
             metrics,
+            tasks: tasks.clone(),
         });
         let mut topics = Topics::default();
         // Held for the node's life: one "socket" that never leaves.
@@ -187,18 +190,13 @@ impl RedisBus {
             attempts: 0,
             ever_connected: false,
         };
-        let tasks = vec![
-            tokio::spawn(subscriber.run(requests_rx, lost_rx, stop.clone())),
-            tokio::spawn(Publisher::run(shared.clone(), jobs_rx, stop)),
-        ];
-        Ok((
-            Self {
-                shared,
-                requests,
-                jobs,
-            },
-            tasks,
-        ))
+        tasks.spawn(subscriber.run(requests_rx, lost_rx, stop.clone()));
+        tasks.spawn(Publisher::run(shared.clone(), jobs_rx, stop));
+        Ok(Self {
+            shared,
+            requests,
+            jobs,
+        })
     }
 
     pub fn is_ready(&self) -> bool {

@@ -329,7 +329,7 @@ pub fn reply(shared: &Shared, to: u64, id: u64, answer: &[u8]) {
     command
         .arg(replies_topic(&shared.prefix, to))
         .arg([format!("{id} ").as_bytes(), answer].concat());
-    tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         if let Err(e) = connection.query::<i64>(&command).await {
             tracing::warn!(error = %e, "answer to a request not sent");
         }

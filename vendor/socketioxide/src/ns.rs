@@ -245,14 +245,14 @@ impl<A: Adapter> Namespace<A> {
         tracing::debug!(?self.path, "closing {} sockets in namespace", sockets.len());
 
         if reason == DisconnectReason::ClosingServer {
-            // When closing the underlying transport, this will indirectly close the socket
-            // Therefore there is no need to manually call `s.close()`.
             future::join_all(sockets.values().map(|s| s.close_underlying_transport())).await;
-        } else {
-            for s in sockets.into_values() {
-                let _sid = s.id;
-                s.close(reason);
-            }
+        }
+        // Closed here in every case: a transport's close reaches a socket
+        // through the client's namespaces, which `Client::close` has already
+        // taken, so its disconnect handler would never run. A second close
+        // finds no handler and only removes the socket again.
+        for s in sockets.into_values() {
+            s.close(reason);
         }
         #[cfg(feature = "tracing")]
         tracing::debug!(?self.path, "all sockets in namespace closed");
