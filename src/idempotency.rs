@@ -122,9 +122,7 @@ impl Answer {
     pub fn decode(text: &str) -> Option<Self> {
         let mut parts = text.split(' ');
         let (id, variant) = (parts.next()?, parts.next()?);
-        let variant = ["channel", "user", "user_channel"]
-            .into_iter()
-            .find(|v| *v == variant)?;
+        let variant = Target::VARIANTS.into_iter().find(|v| *v == variant)?;
         let receipt = match (parts.next(), parts.next(), parts.next()) {
             (None, _, _) => None,
             (Some(count), Some(complete @ ("0" | "1")), None) => Some(Gathered {

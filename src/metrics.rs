@@ -1,8 +1,12 @@
 //! Prometheus metrics: one [`Metrics`] handle, cloned into every component
 //! that counts something, rendered as text by `GET /metrics`.
 //!
-//! Label values are bounded: variants and outcomes are fixed sets, and
-//! channel names (already validated) get their own series only up to
+//! Label values are bounded: limits and outcomes are enums here
+//! ([`Limit`], [`NotifyOutcome`], [`ConnectOutcome`]; recovery's reasons
+//! are [`NotRecoverable`], variants [`Target::VARIANTS`]), counted only
+//! through this module's methods, so a typo cannot start a new series and
+//! every series exists from the start. Channel names (already validated)
+//! get their own series only up to
 //! `CHANNELS_METRICS_MAX_CHANNELS`; further channels share the series
 //! `channel="_other"`. User ids are never labels.
 
@@ -16,7 +20,15 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::notification::Channel;
+use crate::{
+    notification::{Channel, Target},
+    recovery::NotRecoverable,
+};
+
+/// The `variant` label of a call refused before it had a target.
+const NO_VARIANT: &str = "none";
+/// The `outcome` label of a recovered session.
+const RECOVERED: &str = "recovered";
 
 /// The label shared by channels past the label cap.
 pub const OTHER_CHANNEL: &str = "_other";
@@ -43,9 +55,9 @@ pub struct Handles {
     pub sockets: IntGauge,
     /// Socket.IO connection attempts by outcome (`accepted`, `unauthorized`,
     /// `bad_request`, `too_many_sockets`).
-    pub connects: IntCounterVec,
+    connects: IntCounterVec,
     /// `/notify` calls by variant and outcome.
-    pub notifications: IntCounterVec,
+    notifications: IntCounterVec,
     /// Notifications written to a socket's queue.
     pub deliveries: IntCounter,
     /// Seconds from `/notify` acceptance to the socket write, per delivered notification.
@@ -63,24 +75,103 @@ pub struct Handles {
     /// Sockets disconnected because their send queue overflowed.
     pub slow_client_disconnects: IntCounter,
     /// Sessions that came back with a pid: `recovered`, or why not.
-    pub recoveries: IntCounterVec,
+    recoveries: IntCounterVec,
     /// Open TCP connections (HTTP calls, polling and websocket transports).
     pub connections: IntGauge,
-    /// Calls and connections refused by a limit, by limit (see [`LIMITS`]).
-    pub limit_refusals: IntCounterVec,
+    /// Calls and connections refused by a limit, by limit ([`Limit`]).
+    limit_refusals: IntCounterVec,
 }
 
-/// The `limit` label values of `channels_limit_refusals_total`.
-pub const LIMITS: [&str; 8] = [
-    "max_connections",
-    "connect_rate",
-    "sockets_per_user",
-    "authorize_rate",
-    "notify_rate_per_key",
-    "notify_rate_per_address",
-    "body_size",
-    "json_depth",
-];
+/// A limit of [`crate::limits`]: the `limit` label of
+/// `channels_limit_refusals_total`, also named to the refused caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    MaxConnections,
+    ConnectRate,
+    SocketsPerUser,
+    AuthorizeRate,
+    NotifyRatePerKey,
+    NotifyRatePerAddress,
+    BodySize,
+    JsonDepth,
+    HeaderTimeout,
+}
+
+impl Limit {
+    const ALL: [Limit; 9] = [
+        Limit::MaxConnections,
+        Limit::ConnectRate,
+        Limit::SocketsPerUser,
+        Limit::AuthorizeRate,
+        Limit::NotifyRatePerKey,
+        Limit::NotifyRatePerAddress,
+        Limit::BodySize,
+        Limit::JsonDepth,
+        Limit::HeaderTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::ConnectRate => "connect_rate",
+            Limit::SocketsPerUser => "sockets_per_user",
+            Limit::AuthorizeRate => "authorize_rate",
+            Limit::NotifyRatePerKey => "notify_rate_per_key",
+            Limit::NotifyRatePerAddress => "notify_rate_per_address",
+            Limit::BodySize => "body_size",
+            Limit::JsonDepth => "json_depth",
+            Limit::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
+/// The `outcome` label of `channels_notifications_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifyOutcome {
+    Accepted,
+    /// An `Idempotency-Key`'s repeat, answered from the first call.
+    Replayed,
+    Rejected,
+    Unavailable,
+}
+
+impl NotifyOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            NotifyOutcome::Accepted => "accepted",
+            NotifyOutcome::Replayed => "replayed",
+            NotifyOutcome::Rejected => "rejected",
+            NotifyOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The `outcome` label of `channels_connects_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    Accepted,
+    Unauthorized,
+    BadRequest,
+    TooManySockets,
+}
+
+impl ConnectOutcome {
+    const ALL: [ConnectOutcome; 4] = [
+        ConnectOutcome::Accepted,
+        ConnectOutcome::Unauthorized,
+        ConnectOutcome::BadRequest,
+        ConnectOutcome::TooManySockets,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ConnectOutcome::Accepted => "accepted",
+            ConnectOutcome::Unauthorized => "unauthorized",
+            ConnectOutcome::BadRequest => "bad_request",
+            ConnectOutcome::TooManySockets => "too_many_sockets",
+        }
+    }
+}
 
 /// The connected-sockets series of one channel, held by the registry for as
 /// long as the channel has sockets on this node.
@@ -208,36 +299,26 @@ impl Metrics {
         }
         // Pre-create the fixed label sets so every series exists from the start
         // (a dashboard or alert then sees 0, not "no data").
-        for outcome in [
-            "accepted",
-            "unauthorized",
-            "bad_request",
-            "too_many_sockets",
-        ] {
-            handles.connects.with_label_values(&[outcome]);
+        for outcome in ConnectOutcome::ALL {
+            handles.connects.with_label_values(&[outcome.label()]);
         }
-        for outcome in [
-            "recovered",
-            "bad_pid",
-            "closed",
-            "window_passed",
-            "no_record",
-            "trimmed",
-            "too_many",
-            "unavailable",
-        ] {
-            handles.recoveries.with_label_values(&[outcome]);
+        handles.recoveries.with_label_values(&[RECOVERED]);
+        for reason in NotRecoverable::ALL {
+            handles.recoveries.with_label_values(&[reason.label()]);
         }
-        for variant in ["channel", "user", "user_channel"] {
+        for variant in Target::VARIANTS {
+            let accepted = NotifyOutcome::Accepted.label();
             handles
                 .notifications
-                .with_label_values(&[variant, "accepted"]);
+                .with_label_values(&[variant, accepted]);
         }
-        for outcome in ["rejected", "unavailable"] {
-            handles.notifications.with_label_values(&["none", outcome]);
+        for outcome in [NotifyOutcome::Rejected, NotifyOutcome::Unavailable] {
+            handles
+                .notifications
+                .with_label_values(&[NO_VARIANT, outcome.label()]);
         }
-        for limit in LIMITS {
-            handles.limit_refusals.with_label_values(&[limit]);
+        for limit in Limit::ALL {
+            handles.limit_refusals.with_label_values(&[limit.label()]);
         }
         Self {
             inner: Arc::new(Inner {
@@ -283,12 +364,44 @@ impl Metrics {
         }
     }
 
-    /// Counts a call or connection refused by `limit` (one of [`LIMITS`]).
-    pub fn limit_refused(&self, limit: &'static str) {
+    /// Counts a call or connection refused by `limit`.
+    pub fn limit_refused(&self, limit: Limit) {
         self.inner
             .handles
             .limit_refusals
-            .with_label_values(&[limit])
+            .with_label_values(&[limit.label()])
+            .inc();
+    }
+
+    /// Counts a notification by its target's variant (`None`: a call
+    /// refused before it had one).
+    pub fn notification(&self, variant: Option<&'static str>, outcome: NotifyOutcome) {
+        self.inner
+            .handles
+            .notifications
+            .with_label_values(&[variant.unwrap_or(NO_VARIANT), outcome.label()])
+            .inc();
+    }
+
+    /// Counts a socket.io connect.
+    pub fn connect(&self, outcome: ConnectOutcome) {
+        self.inner
+            .handles
+            .connects
+            .with_label_values(&[outcome.label()])
+            .inc();
+    }
+
+    /// Counts a returning session: recovered, or why not.
+    pub fn recovery(&self, outcome: Result<(), NotRecoverable>) {
+        let label = match outcome {
+            Ok(()) => RECOVERED,
+            Err(reason) => reason.label(),
+        };
+        self.inner
+            .handles
+            .recoveries
+            .with_label_values(&[label])
             .inc();
     }
 

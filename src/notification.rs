@@ -116,6 +116,9 @@ pub enum Target {
 }
 
 impl Target {
+    /// Every variant's name.
+    pub const VARIANTS: [&'static str; 3] = ["channel", "user", "user_channel"];
+
     /// The variant's name, as answered by `/notify` and used as a metric label.
     pub fn variant(&self) -> &'static str {
         match self {

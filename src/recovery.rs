@@ -201,6 +201,16 @@ pub enum NotRecoverable {
 }
 
 impl NotRecoverable {
+    pub const ALL: [NotRecoverable; 7] = [
+        NotRecoverable::BadPid,
+        NotRecoverable::Closed,
+        NotRecoverable::WindowPassed,
+        NotRecoverable::NoRecord,
+        NotRecoverable::Trimmed,
+        NotRecoverable::TooMany,
+        NotRecoverable::Unavailable,
+    ];
+
     /// The metric label of this reason.
     pub fn label(self) -> &'static str {
         match self {

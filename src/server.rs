@@ -28,7 +28,7 @@ use tower::ServiceExt;
 use crate::{
     http::ApiError,
     limits::{ConnectionLimit, PeerAddr, Place},
-    metrics::Metrics,
+    metrics::{Limit, Metrics},
 };
 
 /// How long a connection past the cap has to send its request head: it
@@ -102,7 +102,7 @@ pub async fn serve(
             if let Err(e) = served
                 && e.is_timeout()
             {
-                metrics.limit_refused("header_timeout");
+                metrics.limit_refused(Limit::HeaderTimeout);
             }
         });
     }

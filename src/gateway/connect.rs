@@ -15,6 +15,7 @@ use super::{Gateway, Recipient, replay::Gate, take_over};
 use crate::{
     auth::WsTokens,
     bus::history::Recovering,
+    metrics::{ConnectOutcome, Limit},
     notification::{Channel, KeycloakId},
     recovery::{self, Ended, NotRecoverable, Session},
 };
@@ -35,11 +36,11 @@ pub enum ConnectRefusal {
 }
 
 impl ConnectRefusal {
-    fn label(self) -> &'static str {
+    fn outcome(self) -> ConnectOutcome {
         match self {
-            ConnectRefusal::Unauthorized => "unauthorized",
-            ConnectRefusal::BadRequest => "bad_request",
-            ConnectRefusal::TooManySockets => "too_many_sockets",
+            ConnectRefusal::Unauthorized => ConnectOutcome::Unauthorized,
+            ConnectRefusal::BadRequest => ConnectOutcome::BadRequest,
+            ConnectRefusal::TooManySockets => ConnectOutcome::TooManySockets,
         }
     }
 }
@@ -124,13 +125,8 @@ pub(super) async fn authenticate(
         .unwrap_or("-")
         .to_string();
     let refuse = |refusal: ConnectRefusal| {
-        gateway
-            .metrics
-            .handles()
-            .connects
-            .with_label_values(&[refusal.label()])
-            .inc();
-        tracing::info!(sid = %socket.id, request_id, reason = refusal.label(), "socket refused");
+        gateway.metrics.connect(refusal.outcome());
+        tracing::info!(sid = %socket.id, request_id, reason = %refusal, "socket refused");
         refusal
     };
     let credentials = check_auth(&gateway.ws_tokens, auth.ok()).map_err(refuse)?;
@@ -175,7 +171,7 @@ pub(super) async fn authenticate(
         .insert(socket.id, &user, &channel, recipient)
         .is_err()
     {
-        gateway.metrics.limit_refused("sockets_per_user");
+        gateway.metrics.limit_refused(Limit::SocketsPerUser);
         return Err(refuse(ConnectRefusal::TooManySockets));
     }
     let mut member = Member {
@@ -215,12 +211,7 @@ pub(super) async fn authenticate(
             recovery.pending.insert(socket.id, gate);
         }
     }
-    gateway
-        .metrics
-        .handles()
-        .connects
-        .with_label_values(&["accepted"])
-        .inc();
+    gateway.metrics.connect(ConnectOutcome::Accepted);
     tracing::info!(sid = %socket.id, request_id, channel = %member.channel, transport = ?socket.transport_type(), "socket accepted");
     // The handler keeps only the registration: the gateway comes from the
     // state when it runs, so an open socket does not hold a copy of it.
@@ -288,16 +279,16 @@ impl Member {
             Ok::<_, NotRecoverable>((session, missed))
         }
         .await;
-        let recoveries = &gateway.metrics.handles().recoveries;
+        gateway
+            .metrics
+            .recovery(outcome.as_ref().map(drop).map_err(|e| *e));
         match outcome {
             Ok((session, missed)) => {
-                recoveries.with_label_values(&["recovered"]).inc();
                 tracing::debug!(missed = missed.len(), "session recovered");
                 gate.set_replay(missed);
                 Some(session)
             }
             Err(reason) => {
-                recoveries.with_label_values(&[reason.label()]).inc();
                 tracing::debug!(reason = %reason, "session not recoverable");
                 None
             }

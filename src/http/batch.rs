@@ -38,6 +38,7 @@ use super::{
 };
 use crate::{
     idempotency::{self, Answer, Claim, Claimed},
+    metrics::NotifyOutcome,
     notification::{Notification, Target},
 };
 
@@ -61,20 +62,22 @@ pub async fn batch(
         Ok(()) => accept(&state, &uri, &headers, body).await,
         Err(refused) => Err(refused.into()),
     };
-    let counter = &state.metrics.handles().notifications;
     match &result {
         Ok(answers) => {
             for (answer, replayed) in answers {
-                let outcome = if *replayed { "replayed" } else { "accepted" };
-                counter.with_label_values(&[answer.variant, outcome]).inc();
+                let outcome = match replayed {
+                    true => NotifyOutcome::Replayed,
+                    false => NotifyOutcome::Accepted,
+                };
+                state.metrics.notification(Some(answer.variant), outcome);
             }
         }
         Err(e) => {
             let outcome = match e {
-                ApiError::Unavailable(_) => "unavailable",
-                _ => "rejected",
+                ApiError::Unavailable(_) => NotifyOutcome::Unavailable,
+                _ => NotifyOutcome::Rejected,
             };
-            counter.with_label_values(&["none", outcome]).inc();
+            state.metrics.notification(None, outcome);
             tracing::info!(error = %e, "batch refused");
         }
     }

@@ -97,7 +97,7 @@ impl From<crate::limits::Refused> for ApiError {
         // Whole seconds, rounded up: `Retry-After: 0` would invite a retry storm.
         let secs = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
         ApiError::TooManyRequests {
-            limit: refused.limit,
+            limit: refused.limit.label(),
             retry_after_secs: secs,
         }
     }

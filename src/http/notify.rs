@@ -30,6 +30,7 @@ use crate::{
     bus::Gathered,
     idempotency::{self, Answer, Claim, Claimed, IdempotencyKey},
     limits::nested_deeper_than,
+    metrics::{Limit, NotifyOutcome},
     notification::{Channel, KeycloakId, Notification, Target},
 };
 
@@ -65,17 +66,12 @@ pub async fn notify(
         Err(refused) => Err(refused.into()),
     };
     let (variant, outcome) = match &result {
-        Ok((answer, false)) => (answer.variant, "accepted"),
-        Ok((answer, true)) => (answer.variant, "replayed"),
-        Err(ApiError::Unavailable(_)) => ("none", "unavailable"),
-        Err(_) => ("none", "rejected"),
+        Ok((answer, false)) => (Some(answer.variant), NotifyOutcome::Accepted),
+        Ok((answer, true)) => (Some(answer.variant), NotifyOutcome::Replayed),
+        Err(ApiError::Unavailable(_)) => (None, NotifyOutcome::Unavailable),
+        Err(_) => (None, NotifyOutcome::Rejected),
     };
-    state
-        .metrics
-        .handles()
-        .notifications
-        .with_label_values(&[variant, outcome])
-        .inc();
+    state.metrics.notification(variant, outcome);
     if let Err(e) = &result {
         tracing::info!(error = %e, "notify refused");
     }
@@ -211,7 +207,7 @@ pub(super) fn api_key(
 /// Refuses a `msg` nested deeper than `CHANNELS_MAX_JSON_DEPTH`.
 pub(super) fn check_depth(state: &AppState, msg: &RawValue) -> Result<(), String> {
     if nested_deeper_than(msg.get(), state.max_json_depth) {
-        state.limiters.refused("json_depth");
+        state.limiters.refused(Limit::JsonDepth);
         return Err(format!(
             "msg is nested deeper than {} levels",
             state.max_json_depth
@@ -281,7 +277,7 @@ pub(super) async fn read_body(
     limit: usize,
 ) -> Result<bytes::Bytes, ApiError> {
     let too_large = || {
-        state.limiters.refused("body_size");
+        state.limiters.refused(Limit::BodySize);
         ApiError::PayloadTooLarge { limit }
     };
     let declared = headers

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use super::Limiters;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 
 /// Connections taken past the cap, at most, to answer them.
 pub const OVER_CAP: usize = 128;
@@ -93,7 +93,7 @@ impl ConnectionLimit {
             let (permit, place) = match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => (permit, Place::Within),
                 Err(_) => {
-                    self.limiters.refused("max_connections");
+                    self.limiters.refused(Limit::MaxConnections);
                     match self.over_cap.clone().try_acquire_owned() {
                         Ok(permit) => (permit, Place::OverCap),
                         Err(_) => continue, // Dropped: closed now.

@@ -26,7 +26,7 @@ use governor::{
 
 use crate::{
     config::{Rate, RateLimits},
-    metrics::Metrics,
+    metrics::{Limit, Metrics},
 };
 
 pub use listener::{ConnectionLimit, PeerAddr, Place, bind};
@@ -35,7 +35,7 @@ pub use listener::{ConnectionLimit, PeerAddr, Place, bind};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
     /// The `limit` label, also shown to the caller.
-    pub limit: &'static str,
+    pub limit: Limit,
     pub retry_after: Duration,
 }
 
@@ -76,12 +76,12 @@ impl Limiters {
 
     /// A new socket.io connection (engine.io handshake) from `client`.
     pub fn check_connect(&self, client: IpAddr) -> Result<(), Refused> {
-        self.check(&self.inner.connect, &client, "connect_rate")
+        self.check(&self.inner.connect, &client, Limit::ConnectRate)
     }
 
     /// A `GET /authorize` call from `client`.
     pub fn check_authorize(&self, client: IpAddr) -> Result<(), Refused> {
-        self.check(&self.inner.authorize, &client, "authorize_rate")
+        self.check(&self.inner.authorize, &client, Limit::AuthorizeRate)
     }
 
     /// A `POST /notify` call from `client`, before its key is known.
@@ -89,20 +89,20 @@ impl Limiters {
         self.check(
             &self.inner.notify_per_address,
             &client,
-            "notify_rate_per_address",
+            Limit::NotifyRatePerAddress,
         )
     }
 
     /// A `POST /notify` call with the accepted API key number `key`.
     pub fn check_notify_key(&self, key: usize) -> Result<(), Refused> {
-        self.check(&self.inner.notify_per_key, &key, "notify_rate_per_key")
+        self.check(&self.inner.notify_per_key, &key, Limit::NotifyRatePerKey)
     }
 
     fn check<K: Hash + Eq + Clone>(
         &self,
         limiter: &Option<Keyed<K>>,
         key: &K,
-        limit: &'static str,
+        limit: Limit,
     ) -> Result<(), Refused> {
         let Some(limiter) = limiter else {
             return Ok(());
@@ -117,7 +117,7 @@ impl Limiters {
     }
 
     /// Counts a refusal by `limit` (also for the limits enforced elsewhere).
-    pub fn refused(&self, limit: &'static str) {
+    pub fn refused(&self, limit: Limit) {
         self.inner.metrics.limit_refused(limit);
     }
 
@@ -211,7 +211,7 @@ mod tests {
             assert!(limiters.check_authorize(a).is_ok());
         }
         let refused = limiters.check_authorize(a).unwrap_err();
-        assert_eq!(refused.limit, "authorize_rate");
+        assert_eq!(refused.limit, Limit::AuthorizeRate);
         assert!(refused.retry_after <= Duration::from_secs(1));
         assert!(
             limiters.check_authorize(b).is_ok(),
