@@ -1,6 +1,6 @@
 //! `GET /socket.io/socket.io.js` (and `.min.js`, and their `.map` files): the
 //! official socket.io client, embedded at build time from the copy committed
-//! in `src/http/client_bundle/` (see its README for version and licence).
+//! in `assets/socket.io-client/` (see its README for version and licence).
 
 use axum::{
     extract::Path,
@@ -20,22 +20,22 @@ const FILES: &[(&str, &str, &[u8])] = &[
     (
         "socket.io.js",
         JS,
-        include_bytes!("client_bundle/socket.io.js"),
+        include_bytes!("../../assets/socket.io-client/socket.io.js"),
     ),
     (
         "socket.io.js.map",
         MAP,
-        include_bytes!("client_bundle/socket.io.js.map"),
+        include_bytes!("../../assets/socket.io-client/socket.io.js.map"),
     ),
     (
         "socket.io.min.js",
         JS,
-        include_bytes!("client_bundle/socket.io.min.js"),
+        include_bytes!("../../assets/socket.io-client/socket.io.min.js"),
     ),
     (
         "socket.io.min.js.map",
         MAP,
-        include_bytes!("client_bundle/socket.io.min.js.map"),
+        include_bytes!("../../assets/socket.io-client/socket.io.min.js.map"),
     ),
 ];
 const JS: &str = "application/javascript; charset=utf-8";
