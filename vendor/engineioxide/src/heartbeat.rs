@@ -7,11 +7,14 @@
 //! (`transport::ws::serve`), which saves that task (about 640 bytes of an
 //! idle socket: the task, its future and its interval); a polling session
 //! still has a task, that polls the same state machine
-//! ([`Socket::spawn_heartbeat`]). The behaviour is upstream's:
+//! ([`Socket::spawn_heartbeat`]). The behaviour is upstream's but for the
+//! first ping:
 //!
-//! - v4: the server sends a ping at once and then every `interval`, and the
-//!   client answers each with a pong within `timeout`. No ping is sent
-//!   while the socket is being upgraded.
+//! - v4: the server sends a ping every `interval`, the first one `interval`
+//!   after the session opened (upstream sends it at once; engine.io's Node
+//!   server, the reference, after the interval), and the client answers
+//!   each with a pong within `timeout`. No ping is sent while the socket is
+//!   being upgraded.
 //! - v3: the client sends the pings, at least every `interval + timeout`,
 //!   and the server answers each with a pong.
 //!
@@ -118,7 +121,10 @@ impl Heartbeat {
                         self.phase = Phase::AwaitingPing;
                         continue;
                     }
-                    timer.as_mut().reset(Instant::now());
+                    // The first ping after one interval, as engine.io's
+                    // reference server (Node) sends it; upstream's first
+                    // ping at once cost every connect a ping and a pong.
+                    timer.as_mut().reset(Instant::now() + interval);
                     self.phase = Phase::BeforePing;
                 }
                 Phase::BeforePing => {
