@@ -30,7 +30,7 @@ use crate::{bus::history::Missed, recovery::Offset};
 /// `give_up`, when it gives the client up as slow; its session stays
 /// recoverable). A replay of 1,000 fills a 256-packet queue about four
 /// times: at 5 ms a wait, the waits were most of its 22.7 ms
-/// (BENCHMARKS.md, "Connection state recovery"); tokio's timer has 1 ms
+/// (loadtest/results/BENCHMARKS-history.md, "Connection state recovery"); tokio's timer has 1 ms
 /// steps.
 const DRAIN_WAIT: Duration = Duration::from_millis(1);
 
