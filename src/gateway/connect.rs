@@ -279,16 +279,15 @@ impl Member {
             Ok::<_, NotRecoverable>((session, missed))
         }
         .await;
-        gateway
-            .metrics
-            .recovery(outcome.as_ref().map(drop).map_err(|e| *e));
         match outcome {
             Ok((session, missed)) => {
+                gateway.metrics.recovery(Ok(()));
                 tracing::debug!(missed = missed.len(), "session recovered");
                 gate.set_replay(missed);
                 Some(session)
             }
             Err(reason) => {
+                gateway.metrics.recovery(Err(reason));
                 tracing::debug!(reason = %reason, "session not recoverable");
                 None
             }
