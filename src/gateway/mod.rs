@@ -129,8 +129,9 @@ impl RecoveryState {
     }
 }
 
-/// See the builder call in [`service`].
+/// See the builder calls in [`service`].
 const WS_READ_BUFFER_BYTES: usize = 64;
+const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Builds the socket.io service for the default namespace `/`. Requests
 /// outside `/socket.io/` go to `inner`.
@@ -159,6 +160,13 @@ pub fn service<S: Clone>(
         // none of: 16 MB of client messages cost 3x the server CPU of 256 B
         // reads (BENCHMARKS.md).
         .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
+        // Frames gathered before a write. They wait there while a client
+        // reads slower than they come, and the buffer keeps its largest
+        // size for the connection's life: at tungstenite's 128 KiB, a
+        // flooded fan-out held about 100 KiB per socket. 8 KiB is still
+        // about 80 notifications per write; the send queue
+        // (`CHANNELS_SOCKET_QUEUE`) holds the rest.
+        .ws_write_buffer_size(WS_WRITE_BUFFER_BYTES)
         // A session that never sends its CONNECT is closed as a connection
         // that never sends its request head is (`crate::server`).
         .connect_timeout(config.header_timeout)

@@ -78,6 +78,15 @@ pub struct EngineIoConfig {
     /// but will consume more memory.
     pub ws_read_buffer_size: usize,
 
+    /// How many bytes of frames the websocket transport gathers before it
+    /// writes them. By default 128 KiB, tungstenite's default.
+    ///
+    /// Frames wait there while the client reads slower than they come, and
+    /// the buffer keeps its largest size for the connection's life: a lower
+    /// value bounds what a slow or once-busy client holds, at the cost of a
+    /// write per that many bytes.
+    pub ws_write_buffer_size: usize,
+
     /// The maximum size of an incoming message
     ///
     /// The default value is 64 MiB which should be reasonably big for all normal use-cases but small enough
@@ -107,6 +116,7 @@ impl Default for EngineIoConfig {
             max_buffer_bytes: usize::MAX,
             max_payload: 1e5 as u64, // 100kb
             ws_read_buffer_size: 4096,
+            ws_write_buffer_size: 128 * 1024,
             ws_max_message_size: 64 << 20,
             ws_max_frame_size: 16 << 20,
             transports: TransportType::Polling as u8 | TransportType::Websocket as u8,
@@ -232,6 +242,14 @@ impl EngineIoConfigBuilder {
     /// but will consume more memory.
     pub fn ws_read_buffer_size(mut self, ws_read_buffer_size: usize) -> Self {
         self.config.ws_read_buffer_size = ws_read_buffer_size;
+        self
+    }
+
+    /// How many bytes of frames the websocket transport gathers before it
+    /// writes them (see [`EngineIoConfig::ws_write_buffer_size`]). By
+    /// default 128 KiB.
+    pub fn ws_write_buffer_size(mut self, ws_write_buffer_size: usize) -> Self {
+        self.config.ws_write_buffer_size = ws_write_buffer_size;
         self
     }
 

@@ -13,7 +13,7 @@
 //! an idle socket holds one small allocation.
 //!
 //! The queue is bounded in items and in bytes (the bytes of the messages
-//! waiting, [`Weigh`]): a socket that stops reading holds at most
+//! waiting, [`Queued`]): a socket that stops reading holds at most
 //! `max_buffer_size` packets and about `max_buffer_bytes`, whichever comes
 //! first, rather than `max_buffer_size` times the largest message.
 //!
@@ -31,7 +31,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use engineioxide_core::{Packet, PacketBuf};
+use engineioxide_core::{Packet, PacketBuf, Str};
 use futures_util::task::AtomicWaker;
 #[cfg(test)]
 use tokio::sync::mpsc::error::TryRecvError;
@@ -41,16 +41,33 @@ use tokio::sync::{
 };
 
 /// Items the queue's buffer has room for when it is allocated (see
-/// [`State::push`]): 16 packets are 2,688 bytes, held only while packets
-/// wait.
+/// [`State::push`]): 16 packets are 640 bytes ([`Waiting`]), held only
+/// while packets wait.
 const FIRST_ALLOCATION: usize = 16;
 
-/// What an item weighs against the queue's byte bound.
-pub(crate) trait Weigh {
+/// What the queue needs of its items: what one weighs against the byte
+/// bound, and the form it waits in.
+pub(crate) trait Queued: Sized {
+    /// The item while it waits in the queue.
+    type Waiting;
     fn bytes(&self) -> usize;
+    fn pack(self) -> Self::Waiting;
+    fn unpack(waiting: Self::Waiting) -> Self;
 }
 
-impl Weigh for PacketBuf {
+/// A [`PacketBuf`] as it waits: a slow client's queue is full of them, and
+/// a `PacketBuf` is 168 bytes inline (two `Packet`s, sized by the `Open`
+/// packet), so 256 waiting packets held 43 KB per socket. Nearly every
+/// item is one message (an emit), which waits as its `Str` alone in 40
+/// bytes; anything else waits boxed.
+pub(crate) enum Waiting {
+    Message(Str),
+    Other(Box<PacketBuf>),
+}
+
+impl Queued for PacketBuf {
+    type Waiting = Waiting;
+
     /// The bytes of the messages: what a slow client makes the server hold.
     fn bytes(&self) -> usize {
         self.iter()
@@ -61,11 +78,28 @@ impl Weigh for PacketBuf {
             })
             .sum()
     }
+
+    fn pack(mut self) -> Waiting {
+        if self.len() == 1
+            && matches!(self[0], Packet::Message(_))
+            && let Some(Packet::Message(text)) = self.pop()
+        {
+            return Waiting::Message(text);
+        }
+        Waiting::Other(Box::new(self))
+    }
+
+    fn unpack(waiting: Waiting) -> Self {
+        match waiting {
+            Waiting::Message(text) => smallvec::smallvec![Packet::Message(text)],
+            Waiting::Other(packets) => *packets,
+        }
+    }
 }
 
 /// Creates a queue that holds at most `capacity` items, queued or reserved,
 /// and takes no item once it holds `max_bytes` (see [`State::has_room`]).
-pub(crate) fn channel<T: Weigh>(capacity: usize, max_bytes: usize) -> (Sender<T>, Receiver<T>) {
+pub(crate) fn channel<T: Queued>(capacity: usize, max_bytes: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
@@ -90,22 +124,22 @@ pub(crate) fn channel<T: Weigh>(capacity: usize, max_bytes: usize) -> (Sender<T>
 }
 
 /// The sending side, shared by every thread that emits to the socket.
-pub(crate) struct Sender<T> {
+pub(crate) struct Sender<T: Queued> {
     shared: Arc<Shared<T>>,
 }
 
 /// The receiving side, held by the transport that writes to the client.
-pub(crate) struct Receiver<T> {
+pub(crate) struct Receiver<T: Queued> {
     shared: Arc<Shared<T>>,
 }
 
 /// A slot reserved in the queue: [`Permit::send`] fills it without a
 /// second capacity check; dropping the permit gives the slot back.
-pub(crate) struct Permit<'a, T> {
+pub(crate) struct Permit<'a, T: Queued> {
     shared: &'a Shared<T>,
 }
 
-struct Shared<T> {
+struct Shared<T: Queued> {
     state: Mutex<State<T>>,
     capacity: usize,
     max_bytes: usize,
@@ -121,8 +155,8 @@ struct Shared<T> {
     waiting_senders: AtomicUsize,
 }
 
-struct State<T> {
-    queue: VecDeque<T>,
+struct State<T: Queued> {
+    queue: VecDeque<T::Waiting>,
     /// What the queued items weigh.
     bytes: usize,
     /// Slots held by permits not yet used: they count against the capacity
@@ -132,7 +166,7 @@ struct State<T> {
     sender_dropped: bool,
 }
 
-impl<T> Shared<T> {
+impl<T: Queued> Shared<T> {
     /// Locks the state. No code panics while holding the lock, but if some
     /// did, the queue stays usable: its state is consistent after every
     /// single operation.
@@ -141,7 +175,7 @@ impl<T> Shared<T> {
     }
 }
 
-impl<T> Shared<T> {
+impl<T: Queued> Shared<T> {
     /// Tells a sender waiting in [`Sender::send`] to try again.
     fn wake_waiting_senders(&self) {
         if self.waiting_senders.load(Ordering::Acquire) > 0 {
@@ -150,7 +184,7 @@ impl<T> Shared<T> {
     }
 }
 
-impl<T: Weigh> State<T> {
+impl<T: Queued> State<T> {
     /// Room for an item of `bytes` (0 for a reservation, whose item is not
     /// known yet): under both bounds. An item larger than the byte bound
     /// still goes into an empty queue, or it could never be sent; so the
@@ -172,11 +206,11 @@ impl<T: Weigh> State<T> {
             self.queue.reserve_exact(FIRST_ALLOCATION.min(capacity));
         }
         self.bytes += value.bytes();
-        self.queue.push_back(value);
+        self.queue.push_back(value.pack());
     }
 
     fn pop(&mut self) -> Option<T> {
-        let value = self.queue.pop_front()?;
+        let value = T::unpack(self.queue.pop_front()?);
         self.bytes -= value.bytes();
         Some(value)
     }
@@ -190,7 +224,7 @@ impl<T: Weigh> State<T> {
     }
 }
 
-impl<T: Weigh> Sender<T> {
+impl<T: Queued> Sender<T> {
     /// Queues `value` now, or gives it back if the queue is full or closed.
     pub(crate) fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         {
@@ -279,14 +313,14 @@ impl Drop for WaitingSender<'_> {
     }
 }
 
-impl<T> Drop for Sender<T> {
+impl<T: Queued> Drop for Sender<T> {
     fn drop(&mut self) {
         self.shared.lock().sender_dropped = true;
         self.shared.receiver_waker.wake();
     }
 }
 
-impl<T: Weigh> Permit<'_, T> {
+impl<T: Queued> Permit<'_, T> {
     /// Fills the reserved slot. As with tokio's permits, this succeeds even
     /// if the receiver closed meanwhile: a closed receiver still drains what
     /// was queued or reserved before it closed.
@@ -301,7 +335,7 @@ impl<T: Weigh> Permit<'_, T> {
     }
 }
 
-impl<T> Drop for Permit<'_, T> {
+impl<T: Queued> Drop for Permit<'_, T> {
     fn drop(&mut self) {
         self.shared.lock().reserved -= 1;
         // A closed receiver may be waiting for the last permit to resolve.
@@ -310,7 +344,7 @@ impl<T> Drop for Permit<'_, T> {
     }
 }
 
-impl<T: Weigh> Receiver<T> {
+impl<T: Queued> Receiver<T> {
     /// The next item, or `None` once the sender is gone, or the receiver is
     /// closed, and everything queued or reserved has been received.
     ///
@@ -365,7 +399,7 @@ impl<T: Weigh> Receiver<T> {
     }
 }
 
-impl<T> Drop for Receiver<T> {
+impl<T: Queued> Drop for Receiver<T> {
     fn drop(&mut self) {
         let queued = {
             let mut state = self.shared.lock();
@@ -379,13 +413,13 @@ impl<T> Drop for Receiver<T> {
     }
 }
 
-impl<T> std::fmt::Debug for Sender<T> {
+impl<T: Queued> std::fmt::Debug for Sender<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sender").finish_non_exhaustive()
     }
 }
 
-impl<T> std::fmt::Debug for Receiver<T> {
+impl<T: Queued> std::fmt::Debug for Receiver<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Receiver").finish_non_exhaustive()
     }
@@ -398,27 +432,74 @@ mod tests {
     use super::*;
 
     /// A test item weighs its value.
-    impl Weigh for i32 {
+    impl Queued for i32 {
+        type Waiting = Self;
+        fn pack(self) -> Self {
+            self
+        }
+        fn unpack(waiting: Self) -> Self {
+            waiting
+        }
         fn bytes(&self) -> usize {
             *self as usize
         }
     }
 
-    impl Weigh for u8 {
+    impl Queued for u8 {
+        type Waiting = Self;
+        fn pack(self) -> Self {
+            self
+        }
+        fn unpack(waiting: Self) -> Self {
+            waiting
+        }
         fn bytes(&self) -> usize {
             0
         }
     }
 
-    impl Weigh for u64 {
+    impl Queued for u64 {
+        type Waiting = Self;
+        fn pack(self) -> Self {
+            self
+        }
+        fn unpack(waiting: Self) -> Self {
+            waiting
+        }
         fn bytes(&self) -> usize {
             0
         }
     }
 
-    impl Weigh for usize {
+    impl Queued for usize {
+        type Waiting = Self;
+        fn pack(self) -> Self {
+            self
+        }
+        fn unpack(waiting: Self) -> Self {
+            waiting
+        }
         fn bytes(&self) -> usize {
             0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_waits_in_its_str_alone_and_every_packet_buffer_comes_back_whole() {
+        assert!(std::mem::size_of::<Waiting>() <= 40);
+        let message = |text: &str| Packet::Message(Str::from(text.to_string()));
+        let one: PacketBuf = smallvec::smallvec![message("42[\"a\"]")];
+        let two: PacketBuf =
+            smallvec::smallvec![message("451-[\"b\"]"), Packet::Binary(vec![1, 2].into())];
+        let ping: PacketBuf = smallvec::smallvec![Packet::Ping];
+        assert!(matches!(one.clone().pack(), Waiting::Message(_)));
+        assert!(matches!(two.clone().pack(), Waiting::Other(_)));
+        let (tx, mut rx) = channel::<PacketBuf>(8, usize::MAX);
+        for packets in [&one, &two, &ping] {
+            tx.try_send(packets.clone()).unwrap();
+        }
+        for packets in [one, two, ping] {
+            assert_eq!(rx.recv().await, Some(packets));
         }
     }
 

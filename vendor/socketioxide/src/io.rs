@@ -209,7 +209,9 @@ impl<A: Adapter> SocketIoBuilder<A> {
     /// buffer. Defaults to no bound.
     #[inline]
     pub fn max_buffer_bytes(mut self, max_buffer_bytes: usize) -> Self {
-        self.engine_config_builder = self.engine_config_builder.max_buffer_bytes(max_buffer_bytes);
+        self.engine_config_builder = self
+            .engine_config_builder
+            .max_buffer_bytes(max_buffer_bytes);
         self
     }
 
@@ -233,6 +235,17 @@ impl<A: Adapter> SocketIoBuilder<A> {
         self.engine_config_builder = self
             .engine_config_builder
             .ws_read_buffer_size(ws_read_buffer_size);
+        self
+    }
+
+    /// How many bytes of frames the websocket transport gathers before it
+    /// writes them. Defaults to 128KiB. A lower value bounds what a slow
+    /// client holds, at the cost of a write per that many bytes.
+    #[inline]
+    pub fn ws_write_buffer_size(mut self, ws_write_buffer_size: usize) -> Self {
+        self.engine_config_builder = self
+            .engine_config_builder
+            .ws_write_buffer_size(ws_write_buffer_size);
         self
     }
 

@@ -653,4 +653,3 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
-

@@ -233,17 +233,17 @@ mod rx_stream {
 
     /// [`ReceiverStream`] is a stream that wraps a [`queue::Receiver`] by reference.
     /// Allowing to use it as a stream even if it is behind a mutex.
-    pub struct ReceiverStream<'a, T> {
+    pub struct ReceiverStream<'a, T: queue::Queued> {
         inner: &'a mut queue::Receiver<T>,
     }
 
-    impl<'a, T> ReceiverStream<'a, T> {
+    impl<'a, T: queue::Queued> ReceiverStream<'a, T> {
         pub fn new(inner: &'a mut queue::Receiver<T>) -> Self {
             Self { inner }
         }
     }
 
-    impl<'a, T: queue::Weigh> Stream for ReceiverStream<'a, T> {
+    impl<'a, T: queue::Queued> Stream for ReceiverStream<'a, T> {
         type Item = T;
 
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
