@@ -18,8 +18,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
+    client::Transport,
     report::{Report, median},
-    scenarios::Sizes,
+    scenarios::{Sizes, Through},
     servers::{Kind, Programs},
 };
 
@@ -89,6 +90,11 @@ type Measure = fn(&Report) -> f64;
 enum Scenario {
     Idle,
     Fanout,
+    /// Idle, with long-polling clients (`--idle-connections` / 4 of them:
+    /// each holds two connections of the generator's descriptors).
+    IdlePolling,
+    /// Fanout, with long-polling clients.
+    FanoutPolling,
     Targeted,
     Cluster,
     /// Recovery: a socket that missed `--notifies` gets them on return.
@@ -98,6 +104,16 @@ enum Scenario {
     Chaos,
     /// Targeted, posted as `/notify/batch` calls of 100 notifications.
     Batch,
+    /// Fanout with `--posters` concurrent posters and no window: the
+    /// server's peak memory while clients fall behind.
+    Flood,
+    /// Every client connecting at once through a balancer that names them
+    /// in `X-Forwarded-For` (channels: `CHANNELS_CLIENT_ADDRESS_HEADER`),
+    /// with channels' default per-address connect limit.
+    Storm,
+    /// The same storm with channels not told of the header: every client is
+    /// the balancer's one address to the connect limit.
+    StormOneAddress,
     /// `GET /presence` on two nodes with `--connections` users online
     /// (channels only).
     Presence,
@@ -113,14 +129,23 @@ impl Scenario {
 
     async fn run(self, kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
         match self {
-            Scenario::Idle => scenarios::idle(kind, programs, sizes).await,
-            Scenario::Fanout => scenarios::fanout(kind, programs, sizes).await,
+            Scenario::Idle | Scenario::IdlePolling => scenarios::idle(kind, programs, sizes).await,
+            Scenario::Fanout | Scenario::FanoutPolling => {
+                scenarios::fanout(kind, programs, sizes).await
+            }
             Scenario::Targeted => scenarios::targeted(kind, programs, sizes, 1, 1).await,
             Scenario::Cluster => scenarios::targeted(kind, programs, sizes, 2, 1).await,
             Scenario::Batch => scenarios::targeted(kind, programs, sizes, 1, BATCH).await,
             Scenario::Replay => scenarios::replay(kind, programs, sizes).await,
             Scenario::Chaos => chaos::chaos(kind, programs, sizes).await,
             Scenario::Presence => scenarios::presence(kind, programs, sizes).await,
+            Scenario::Flood => scenarios::flood(kind, programs, sizes).await,
+            Scenario::Storm => {
+                scenarios::storm(kind, programs, sizes, Through::ForwardingBalancer).await
+            }
+            Scenario::StormOneAddress => {
+                scenarios::storm(kind, programs, sizes, Through::OneAddress).await
+            }
         }
     }
 
@@ -128,14 +153,20 @@ impl Scenario {
     fn sizes(self, quick: bool, idle_connections: usize) -> Sizes {
         let connections = match (self, quick) {
             (_, true) => 50,
-            (Scenario::Idle, false) => idle_connections,
+            (Scenario::Idle | Scenario::Storm | Scenario::StormOneAddress, false) => {
+                idle_connections
+            }
+            (Scenario::IdlePolling, false) => idle_connections / 4,
             // The drill's 300 official clients, in one Node process.
             (Scenario::Chaos, false) => 300,
             _ => 2000,
         };
         Sizes {
             connections,
-            posters: if quick { 4 } else { 32 },
+            posters: match (self, quick) {
+                (_, true) | (Scenario::Flood, false) => 4,
+                _ => 32,
+            },
             seconds: if quick { 1.0 } else { 10.0 },
             notifies: match (self, quick) {
                 (_, true) => 50,
@@ -145,13 +176,17 @@ impl Scenario {
             },
             window: 16,
             rate: 0.0,
+            transport: match self {
+                Scenario::IdlePolling | Scenario::FanoutPolling => Transport::Polling,
+                _ => Transport::Websocket,
+            },
         }
     }
 
     /// What the comparison table shows of this scenario.
     fn headline(self) -> Vec<(&'static str, Measure)> {
         match self {
-            Scenario::Idle => vec![
+            Scenario::Idle | Scenario::IdlePolling => vec![
                 ("RSS per connection, KiB", |r| r.rss_per_connection_kib),
                 ("connects/s", |r| r.connects_per_s),
                 ("server CPU µs per connect", |r| {
@@ -159,12 +194,28 @@ impl Scenario {
                 }),
                 ("lost at the final notify", |r| r.lost as f64),
             ],
-            Scenario::Fanout => vec![
+            Scenario::Fanout | Scenario::FanoutPolling => vec![
                 ("deliveries/s", |r| r.deliveries_per_s),
                 ("p99 ms", |r| r.p99_ms),
                 ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
                 ("cores busy: server", |r| r.server_cores),
                 ("cores busy: generator", |r| r.generator_cores),
+            ],
+            Scenario::Flood => vec![
+                ("peak RSS per connection, KiB", |r| {
+                    r.peak_rss_per_connection_kib
+                }),
+                ("deliveries/s", |r| r.deliveries_per_s),
+                ("sockets closed as slow", |r| r.closed_by_server as f64),
+                ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
+            ],
+            Scenario::Storm | Scenario::StormOneAddress => vec![
+                ("seconds until all connected", |r| r.seconds),
+                ("server CPU µs per connect", |r| {
+                    r.server_cpu_us_per_connect
+                }),
+                ("attempts refused or timed out", |r| r.refused as f64),
+                ("not connected after 60 s", |r| r.lost as f64),
             ],
             Scenario::Chaos => vec![
                 ("deliveries expected", |r| r.expected as f64),
@@ -332,7 +383,10 @@ fn print_table(table: &[(Scenario, Vec<(Kind, Report)>)], ours: Kind, theirs: Ki
             };
             println!(
                 "| {} | {label} | {x:.2} | {y:.2} | {ratio} |",
-                format!("{scenario:?}").to_lowercase()
+                scenario
+                    .to_possible_value()
+                    .expect("no skipped scenarios")
+                    .get_name()
             );
         }
     }

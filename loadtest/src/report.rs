@@ -44,8 +44,10 @@ pub struct Report {
     pub nodes: usize,
     pub connections: usize,
     pub connects_per_s: f64,
-    /// Server RSS growth per connection (idle).
+    /// Server RSS growth per connection (idle; flood: once connected).
     pub rss_per_connection_kib: f64,
+    /// Flood: the server's peak RSS growth per connection.
+    pub peak_rss_per_connection_kib: f64,
     pub notifies: u64,
     pub notifies_per_s: f64,
     pub deliveries_per_s: f64,
@@ -54,6 +56,10 @@ pub struct Report {
     pub received: u64,
     pub lost: u64,
     pub out_of_order: u64,
+    /// Clients the server closed before the end: slow clients, in a flood.
+    pub closed_by_server: u64,
+    /// Connection attempts refused or timed out (storm).
+    pub refused: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,

@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    client::{Client, Event, Sources},
+    client::{Client, Event, Sources, Transport},
     poster::Poster,
     report::{Latencies, Report, now_us},
     servers::{Kind, Programs, Redis, Server, TICKS_PER_SECOND, generator_cpu_ticks},
@@ -57,6 +57,9 @@ pub struct Sizes {
     /// window's queueing.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// The clients' engine.io transport.
+    #[arg(long, value_enum, default_value_t = Transport::Websocket)]
+    pub transport: Transport,
 }
 
 /// The ws-token `auth` payload of user `i` in `channel`.
@@ -78,6 +81,8 @@ struct Received {
     latencies: Latencies,
     received: u64,
     out_of_order: u64,
+    /// Clients the server closed before the run stopped them.
+    closed: u64,
 }
 
 /// Connects users `0..n`, user `i` to `servers[i % len]` in `channel(i)`,
@@ -88,6 +93,7 @@ struct Received {
 /// with the connect rate.
 async fn connect_and_receive(
     servers: &[SocketAddr],
+    transport: Transport,
     n: usize,
     channel: impl Fn(usize) -> String,
     stop: &watch::Receiver<bool>,
@@ -106,7 +112,7 @@ async fn connect_and_receive(
         let (mut stop, each) = (stop.clone(), each.clone());
         tasks.spawn(async move {
             let permit = gate.acquire_owned().await.expect("open semaphore");
-            let mut client = Client::connect(server, &sources, &payload)
+            let mut client = Client::connect(server, &sources, &payload, transport, None)
                 .await
                 .with_context(|| format!("socket {i}"))?;
             drop(permit);
@@ -115,6 +121,7 @@ async fn connect_and_receive(
                 latencies: Latencies::new(),
                 received: 0,
                 out_of_order: 0,
+                closed: 0,
             };
             let mut last = 0;
             // One wait for the stop, for the client's whole life: a new
@@ -134,7 +141,10 @@ async fn connect_and_receive(
                             last = stamp.n;
                             each(stamp.n);
                         }
-                        Event::Closed => break,
+                        Event::Closed => {
+                            out.closed = 1;
+                            break;
+                        }
                     },
                     _ = &mut stopped => break,
                 }
@@ -165,12 +175,14 @@ async fn collect(mut tasks: JoinSet<anyhow::Result<Received>>) -> anyhow::Result
         latencies: Latencies::new(),
         received: 0,
         out_of_order: 0,
+        closed: 0,
     };
     while let Some(r) = tasks.join_next().await {
         let r = r.expect("client task")?;
         all.latencies.merge(&r.latencies);
         all.received += r.received;
         all.out_of_order += r.out_of_order;
+        all.closed += r.closed;
     }
     Ok(all)
 }
@@ -189,10 +201,18 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     let before = server.rss_kib();
     let n = sizes.connections;
     let (stop_tx, stop) = watch::channel(false);
-    let cpu_before = server.cpu_ticks();
-    let (receivers, connects_per_s) =
-        connect_and_receive(&[server.addr], n, |i| format!("c{}", i % 10), &stop, |_| {}).await?;
-    let connect_cpu = server.cpu_ticks() - cpu_before;
+    let servers = std::slice::from_ref(&server);
+    let meter = Meter::start(servers, None);
+    let (receivers, connects_per_s) = connect_and_receive(
+        &[server.addr],
+        sizes.transport,
+        n,
+        |i| format!("c{}", i % 10),
+        &stop,
+        |_| {},
+    )
+    .await?;
+    let connecting = meter.read(servers, None);
     // Let the server settle, then read its memory.
     let hold = Duration::from_secs_f64(sizes.seconds.clamp(1.0, 30.0));
     wait_with_progress(Instant::now() + hold, || {
@@ -231,13 +251,20 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
         connections: n,
         connects_per_s,
         rss_per_connection_kib: (after.saturating_sub(before)) as f64 / n as f64,
-        server_cpu_us_per_connect: connect_cpu as f64 / TICKS_PER_SECOND * 1e6 / n.max(1) as f64,
+        server_cpu_us_per_connect: connecting.us_each(connecting.servers, n as u64),
         notifies: accepted,
         expected: accepted,
         received: got.received,
         lost: accepted.saturating_sub(got.received),
         out_of_order: got.out_of_order,
-        ..Report::new("idle", kind, got.latencies)
+        ..Report::new(
+            match sizes.transport {
+                Transport::Websocket => "idle",
+                Transport::Polling => "idle-polling",
+            },
+            kind,
+            got.latencies,
+        )
     })
 }
 
@@ -261,12 +288,20 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
                 complete.fetch_add(1, Ordering::Relaxed);
             }
         };
-        connect_and_receive(&[server.addr], n, |_| "fan".into(), &stop, each).await?
+        connect_and_receive(
+            &[server.addr],
+            sizes.transport,
+            n,
+            |_| "fan".into(),
+            &stop,
+            each,
+        )
+        .await?
     };
     let mut poster = Poster::connect(server.addr).await?;
-    let cpu_before = server.cpu_ticks();
-    let generator_before = generator_cpu_ticks();
-    let started = Instant::now();
+    let servers = std::slice::from_ref(&server);
+    let meter = Meter::start(servers, None);
+    let started = meter.started;
     let deadline = started + Duration::from_secs_f64(sizes.seconds.max(1.0) * 6.0);
     let mut accepted = 0;
     let mut progress = Instant::now();
@@ -302,27 +337,238 @@ pub async fn fanout(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
     while complete.load(Ordering::Relaxed) < accepted && Instant::now() < wait_until {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = server.cpu_ticks() - cpu_before;
-    let generator_cpu = generator_cpu_ticks() - generator_before;
+    let cost = meter.read(servers, None);
     let _ = stop_tx.send(true);
     let got = collect(receivers).await?;
+    let scenario = match sizes.transport {
+        Transport::Websocket => "fanout",
+        Transport::Polling => "fanout-polling",
+    };
+    Ok(channel_report(
+        scenario,
+        kind,
+        n,
+        connects_per_s,
+        accepted,
+        &cost,
+        got,
+    ))
+}
+
+/// The report of `accepted` notifications to one channel of `n` sockets
+/// (fanout, flood): each socket should have received every one.
+fn channel_report(
+    scenario: &'static str,
+    kind: Kind,
+    n: usize,
+    connects_per_s: f64,
+    accepted: u64,
+    cost: &Cost,
+    got: Received,
+) -> Report {
     let expected = accepted * n as u64;
-    Ok(Report {
+    Report {
         connections: n,
         connects_per_s,
         notifies: accepted,
-        notifies_per_s: accepted as f64 / elapsed,
-        deliveries_per_s: got.received as f64 / elapsed,
+        notifies_per_s: accepted as f64 / cost.seconds,
+        deliveries_per_s: got.received as f64 / cost.seconds,
         expected,
         received: got.received,
         lost: expected.saturating_sub(got.received),
         out_of_order: got.out_of_order,
-        server_cpu_us_per_notify: cpu as f64 / TICKS_PER_SECOND * 1e6 / accepted.max(1) as f64,
-        server_cores: cores(cpu, elapsed),
-        generator_cores: cores(generator_cpu, elapsed),
-        seconds: elapsed,
-        ..Report::new("fanout", kind, got.latencies)
+        closed_by_server: got.closed,
+        server_cpu_us_per_notify: cost.us_each(cost.servers, accepted),
+        server_cores: cost.cores(cost.servers),
+        generator_cores: cost.cores(cost.generator),
+        seconds: cost.seconds,
+        ..Report::new(scenario, kind, got.latencies)
+    }
+}
+
+/// How long a storm's clients keep retrying before they count as lost.
+const STORM_LIMIT: Duration = Duration::from_secs(60);
+/// How long one connection attempt may take before it is given up and
+/// retried: socket.io's client's `timeout` default.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where a storm's clients come from, to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Through {
+    /// A balancer that names each client in `X-Forwarded-For`, and channels
+    /// set to read it (`CHANNELS_CLIENT_ADDRESS_HEADER`).
+    ForwardingBalancer,
+    /// A balancer's one address, channels not told about it.
+    OneAddress,
+}
+
+/// A reconnect storm: `connections` clients connecting at once, as after a
+/// node's restart behind a balancer, with channels' default per-address
+/// connect limit (`CHANNELS_CONNECT_RATE`) on. A client refused, or not
+/// connected within [`ATTEMPT_TIMEOUT`], tries again as socket.io's client
+/// does (after 1 s, randomised by half), until [`STORM_LIMIT`]. Reports
+/// the time until all were connected (as connects/s), server CPU per
+/// connect, the failed attempts, and the clients still not connected at
+/// the limit (`lost`).
+pub async fn storm(
+    kind: Kind,
+    programs: &Programs,
+    sizes: &Sizes,
+    through: Through,
+) -> anyhow::Result<Report> {
+    let settings: &[(&str, &str)] = match through {
+        Through::ForwardingBalancer => &[
+            ("CHANNELS_CONNECT_RATE", "50:200"),
+            ("CHANNELS_CLIENT_ADDRESS_HEADER", "x-forwarded-for"),
+        ],
+        Through::OneAddress => &[("CHANNELS_CONNECT_RATE", "50:200")],
+    };
+    let server = Server::start_with(kind, programs, None, settings).await?;
+    let n = sizes.connections;
+    let tokens = tokens();
+    // The balancer's one address.
+    let sources = Arc::new(Sources::one_address());
+    let refused = Arc::new(AtomicU64::new(0));
+    let servers = std::slice::from_ref(&server);
+    let meter = Meter::start(servers, None);
+    let started = meter.started;
+    let until = started + STORM_LIMIT;
+    let mut clients = JoinSet::new();
+    for i in 0..n {
+        let payload = auth(&tokens, i, &format!("c{}", i % 10));
+        let (addr, sources, refused) = (server.addr, sources.clone(), refused.clone());
+        let transport = sizes.transport;
+        // Client i's own address, 10.0.0.0/8 in turn.
+        let forwarded_for = (through == Through::ForwardingBalancer)
+            .then(|| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32)));
+        clients.spawn(async move {
+            // A cheap spread of retry delays, the same in every run.
+            let mut jitter = i as u64 * 2_654_435_761 % 1000;
+            loop {
+                let attempt = Client::connect(addr, &sources, &payload, transport, forwarded_for);
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+                    Ok(Ok(client)) => return Some((client, started.elapsed())),
+                    Ok(Err(_)) | Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        let delay = Duration::from_millis(500 + jitter);
+                        jitter = (jitter * 7 + 331) % 1000;
+                        if Instant::now() + delay > until {
+                            return None;
+                        }
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+    }
+    let mut held = Vec::with_capacity(n);
+    let mut last = Duration::ZERO;
+    let mut progress = Instant::now();
+    while let Some(done) = clients.join_next().await {
+        if let Some((client, at)) = done.expect("client task") {
+            last = last.max(at);
+            held.push(client);
+        }
+        if progress.elapsed() > PROGRESS {
+            eprintln!("  connected {}/{n}", held.len());
+            progress = Instant::now();
+        }
+    }
+    let cost = meter.read(servers, None);
+    let connected = held.len();
+    drop(held);
+    Ok(Report {
+        connections: n,
+        connects_per_s: connected as f64 / last.as_secs_f64().max(1e-9),
+        server_cpu_us_per_connect: cost.us_each(cost.servers, connected as u64),
+        refused: refused.load(Ordering::Relaxed),
+        expected: n as u64,
+        received: connected as u64,
+        lost: (n - connected) as u64,
+        seconds: last.as_secs_f64(),
+        ..Report::new(
+            match through {
+                Through::ForwardingBalancer => "storm",
+                Through::OneAddress => "storm-one-address",
+            },
+            kind,
+            Latencies::new(),
+        )
+    })
+}
+
+/// How often [`flood`] samples the server's memory.
+const RSS_SAMPLE: Duration = Duration::from_millis(100);
+
+/// Memory under a flood: `connections` sockets in one channel, and
+/// `posters` concurrent posters with no window for `seconds`, faster than
+/// the clients read. The server's peak RSS, sampled every [`RSS_SAMPLE`]
+/// from before the clients connected, per connection: what a server holds
+/// for clients that fall behind, and whether it is bounded. Sockets the
+/// server closed as slow are counted; their missed deliveries are `lost`.
+/// Concurrent posters have no order between them, so order is not checked.
+pub async fn flood(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Result<Report> {
+    let server = Server::start(kind, programs, None).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.rss_kib();
+    let n = sizes.connections;
+    let (stop_tx, stop) = watch::channel(false);
+    let (receivers, connects_per_s) = connect_and_receive(
+        &[server.addr],
+        sizes.transport,
+        n,
+        |_| "fan".into(),
+        &stop,
+        |_| {},
+    )
+    .await?;
+    let idle = server.rss_kib();
+    let servers = std::slice::from_ref(&server);
+    let meter = Meter::start(servers, None);
+    let until = meter.started + Duration::from_secs_f64(sizes.seconds.max(1.0));
+    let sequence = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let mut posters = JoinSet::new();
+    for _ in 0..sizes.posters.max(1) {
+        let mut poster = Poster::connect(server.addr).await?;
+        let (sequence, accepted) = (sequence.clone(), accepted.clone());
+        posters.spawn(async move {
+            while Instant::now() < until {
+                let n = sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                if poster.post(body(r#""channel":"fan""#, n)).await {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let mut peak = idle;
+    let mut progress = Instant::now();
+    // Through the posting and the drain: queues peak as the posters stop.
+    while Instant::now() < until + DRAIN {
+        peak = peak.max(server.rss_kib());
+        if progress.elapsed() > PROGRESS {
+            eprintln!(
+                "  posted {}, server RSS {} KiB (peak {peak})",
+                accepted.load(Ordering::Relaxed),
+                server.rss_kib()
+            );
+            progress = Instant::now();
+        }
+        tokio::time::sleep(RSS_SAMPLE).await;
+    }
+    while let Some(done) = posters.join_next().await {
+        done.expect("poster task");
+    }
+    let accepted = accepted.load(Ordering::Relaxed);
+    let cost = meter.read(servers, None);
+    let _ = stop_tx.send(true);
+    let got = collect(receivers).await?;
+    Ok(Report {
+        rss_per_connection_kib: idle.saturating_sub(before) as f64 / n as f64,
+        peak_rss_per_connection_kib: peak.saturating_sub(before) as f64 / n as f64,
+        // Concurrent posters have no order between them.
+        out_of_order: 0,
+        ..channel_report("flood", kind, n, connects_per_s, accepted, &cost, got)
     })
 }
 
@@ -352,7 +598,7 @@ pub async fn targeted(
     let channel = |i: usize| format!("c{}", i % 10);
     let (stop_tx, stop) = watch::channel(false);
     let (receivers, connects_per_s) =
-        connect_and_receive(&addrs, n, channel, &stop, |_| {}).await?;
+        connect_and_receive(&addrs, sizes.transport, n, channel, &stop, |_| {}).await?;
 
     let mut posters = JoinSet::new();
     let mut connected = Vec::new();
@@ -360,11 +606,8 @@ pub async fn targeted(
         connected.push(Poster::connect(addrs[p % addrs.len()]).await?);
     }
     // CPU is counted from here, as the rate: over the posting alone.
-    let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
-    let redis_before = redis.as_ref().map_or(0, Redis::cpu_ticks);
-    let generator_before = generator_cpu_ticks();
-    let started = Instant::now();
-    let until = started + Duration::from_secs_f64(sizes.seconds);
+    let meter = Meter::start(&servers, redis.as_ref());
+    let until = meter.started + Duration::from_secs_f64(sizes.seconds);
     // Notifications accepted so far, by all posters: the progress lines'
     // count and, once they are done, the run's.
     let accepted = Arc::new(AtomicU64::new(0));
@@ -412,30 +655,26 @@ pub async fn targeted(
         done.expect("poster task");
     }
     let accepted = accepted.load(Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = servers.iter().map(Server::cpu_ticks).sum::<u64>() - cpu_before;
-    let redis_cpu = redis.as_ref().map_or(0, Redis::cpu_ticks) - redis_before;
-    let generator_cpu = generator_cpu_ticks() - generator_before;
+    let cost = meter.read(&servers, redis.as_ref());
     tokio::time::sleep(DRAIN).await;
     let _ = stop_tx.send(true);
     let got = collect(receivers).await?;
-    let per_notify = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / accepted.max(1) as f64;
     Ok(Report {
         connections: n,
         nodes,
         connects_per_s,
         notifies: accepted,
-        notifies_per_s: accepted as f64 / elapsed,
-        deliveries_per_s: got.received as f64 / elapsed,
+        notifies_per_s: accepted as f64 / cost.seconds,
+        deliveries_per_s: got.received as f64 / cost.seconds,
         expected: accepted,
         received: got.received,
         lost: accepted.saturating_sub(got.received),
         out_of_order: got.out_of_order,
-        server_cpu_us_per_notify: per_notify(cpu),
-        redis_cpu_us_per_notify: redis.as_ref().map(|_| per_notify(redis_cpu)),
-        server_cores: cores(cpu, elapsed),
-        generator_cores: cores(generator_cpu, elapsed),
-        seconds: elapsed,
+        server_cpu_us_per_notify: cost.us_each(cost.servers, accepted),
+        redis_cpu_us_per_notify: redis.as_ref().map(|_| cost.us_each(cost.redis, accepted)),
+        server_cores: cost.cores(cost.servers),
+        generator_cores: cost.cores(cost.generator),
+        seconds: cost.seconds,
         ..Report::new(
             match (nodes > 1, batch > 1) {
                 (_, true) => "batch",
@@ -464,14 +703,18 @@ pub async fn presence(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow:
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     let n = sizes.connections;
     let (stop_tx, stop) = watch::channel(false);
-    let (receivers, connects_per_s) =
-        connect_and_receive(&addrs, n, |i| format!("c{}", i % 10), &stop, |_| {}).await?;
+    let (receivers, connects_per_s) = connect_and_receive(
+        &addrs,
+        sizes.transport,
+        n,
+        |i| format!("c{}", i % 10),
+        &stop,
+        |_| {},
+    )
+    .await?;
     let mut callers = JoinSet::new();
-    let cpu_before: u64 = servers.iter().map(Server::cpu_ticks).sum();
-    let redis_before = redis.cpu_ticks();
-    let generator_before = generator_cpu_ticks();
-    let started = Instant::now();
-    let until = started + Duration::from_secs_f64(sizes.seconds);
+    let meter = Meter::start(&servers, Some(&redis));
+    let until = meter.started + Duration::from_secs_f64(sizes.seconds);
     for p in 0..sizes.posters {
         let mut caller = Poster::connect(addrs[p % addrs.len()]).await?;
         let posters = sizes.posters;
@@ -504,27 +747,23 @@ pub async fn presence(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow:
         answered += a;
         refused += r;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = servers.iter().map(Server::cpu_ticks).sum::<u64>() - cpu_before;
-    let redis_cpu = redis.cpu_ticks() - redis_before;
-    let generator_cpu = generator_cpu_ticks() - generator_before;
+    let cost = meter.read(&servers, Some(&redis));
     let _ = stop_tx.send(true);
     collect(receivers).await?;
-    let per_answer = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / answered.max(1) as f64;
     Ok(Report {
         connections: n,
         nodes: 2,
         connects_per_s,
         notifies: answered,
-        notifies_per_s: answered as f64 / elapsed,
+        notifies_per_s: answered as f64 / cost.seconds,
         expected: answered + refused,
         received: answered,
         lost: refused,
-        server_cpu_us_per_notify: per_answer(cpu),
-        redis_cpu_us_per_notify: Some(per_answer(redis_cpu)),
-        server_cores: cores(cpu, elapsed),
-        generator_cores: cores(generator_cpu, elapsed),
-        seconds: elapsed,
+        server_cpu_us_per_notify: cost.us_each(cost.servers, answered),
+        redis_cpu_us_per_notify: Some(cost.us_each(cost.redis, answered)),
+        server_cores: cost.cores(cost.servers),
+        generator_cores: cost.cores(cost.generator),
+        seconds: cost.seconds,
         ..Report::new("presence", kind, latencies)
     })
 }
@@ -542,9 +781,55 @@ async fn wait_with_progress(until: Instant, line: impl Fn() -> String) {
     }
 }
 
-/// CPU `ticks` spent over `seconds` of wall time, in cores.
-fn cores(ticks: u64, seconds: f64) -> f64 {
-    ticks as f64 / TICKS_PER_SECOND / seconds.max(1e-9)
+/// The wall time and CPU of a run's measured phase, from
+/// [`Meter::start`]: the servers' (all nodes), Redis', and the generator's,
+/// which shares the machine with them (a run whose servers and generator
+/// together keep every core busy is bound by the machine).
+struct Meter {
+    started: Instant,
+    servers: u64,
+    redis: u64,
+    generator: u64,
+}
+
+/// What [`Meter::read`] found: wall seconds, and CPU clock ticks.
+struct Cost {
+    seconds: f64,
+    servers: u64,
+    redis: u64,
+    generator: u64,
+}
+
+impl Meter {
+    fn start(servers: &[Server], redis: Option<&Redis>) -> Self {
+        Self {
+            servers: servers.iter().map(Server::cpu_ticks).sum(),
+            redis: redis.map_or(0, Redis::cpu_ticks),
+            generator: generator_cpu_ticks(),
+            started: Instant::now(),
+        }
+    }
+
+    fn read(&self, servers: &[Server], redis: Option<&Redis>) -> Cost {
+        Cost {
+            seconds: self.started.elapsed().as_secs_f64(),
+            servers: servers.iter().map(Server::cpu_ticks).sum::<u64>() - self.servers,
+            redis: redis.map_or(0, Redis::cpu_ticks) - self.redis,
+            generator: generator_cpu_ticks() - self.generator,
+        }
+    }
+}
+
+impl Cost {
+    /// CPU `ticks` per one of `count` things, in microseconds.
+    fn us_each(&self, ticks: u64, count: u64) -> f64 {
+        ticks as f64 / TICKS_PER_SECOND * 1e6 / count.max(1) as f64
+    }
+
+    /// CPU `ticks` over the wall time, in cores.
+    fn cores(&self, ticks: u64) -> f64 {
+        ticks as f64 / TICKS_PER_SECOND / self.seconds.max(1e-9)
+    }
 }
 
 /// Replays timed, one after another.
@@ -566,7 +851,8 @@ pub async fn replay(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
     let (mut lost, mut out_of_order) = (0, 0);
     for i in 0..REPLAYS {
         let fresh = auth(&tokens, i, "c0");
-        let mut client = Client::connect(server.addr, &sources, &fresh).await?;
+        let mut client =
+            Client::connect(server.addr, &sources, &fresh, Transport::Websocket, None).await?;
         let pid = client
             .pid
             .clone()
@@ -589,7 +875,14 @@ pub async fn replay(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::R
         returning["pid"] = json!(pid);
         returning["offset"] = json!(offset);
         let started = Instant::now();
-        let mut client = Client::connect(server.addr, &sources, &returning.to_string()).await?;
+        let mut client = Client::connect(
+            server.addr,
+            &sources,
+            &returning.to_string(),
+            Transport::Websocket,
+            None,
+        )
+        .await?;
         anyhow::ensure!(client.pid.as_deref() == Some(pid.as_str()), "not recovered");
         let mut expected = 1;
         while expected <= missed {

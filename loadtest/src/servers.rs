@@ -104,6 +104,17 @@ impl Server {
         programs: &Programs,
         redis: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(kind, programs, redis, &[]).await
+    }
+
+    /// [`Server::start`], with channels' `settings` over the benchmark's
+    /// (the Node baseline has none of them).
+    pub async fn start_with(
+        kind: Kind,
+        programs: &Programs,
+        redis: Option<&str>,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut command = match kind {
@@ -132,6 +143,7 @@ impl Server {
                 if kind == Kind::ChannelsNoRecovery {
                     c.env("CHANNELS_RECOVERY_WINDOW", "0");
                 }
+                c.envs(settings.iter().copied());
                 c
             }
             Kind::Node | Kind::NodeRecovery => {

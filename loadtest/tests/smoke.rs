@@ -34,15 +34,24 @@ fn loadtest(args: &[&str]) -> (String, String) {
     (stdout, stderr)
 }
 
-#[test]
-fn every_scenario_runs_against_both_servers_and_loses_nothing() {
-    let (stdout, _) = loadtest(&["compare", "--quick", "--rounds", "1"]);
-    let results: Vec<Value> = stdout
+/// RESULT lines of `stdout`.
+fn results(stdout: &str) -> Vec<Value> {
+    stdout
         .lines()
         .filter_map(|l| l.strip_prefix("RESULT "))
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(results.len(), 8, "4 scenarios x 2 servers:\n{stdout}");
+        .collect()
+}
+
+/// A `compare` run's output: `scenarios` against both servers, every run
+/// complete and in order, and a table row for each scenario.
+fn assert_compared_and_complete(stdout: &str, scenarios: &[&str]) {
+    let results = results(stdout);
+    assert_eq!(
+        results.len(),
+        scenarios.len() * 2,
+        "{scenarios:?} x 2 servers:\n{stdout}"
+    );
     for r in &results {
         let what = format!("{} on {}", r["scenario"], r["server"]);
         assert!(r["notifies"].as_u64().unwrap() > 0, "{what} sent nothing");
@@ -50,12 +59,18 @@ fn every_scenario_runs_against_both_servers_and_loses_nothing() {
         assert_eq!(r["out_of_order"], 0, "{what}: {r}");
         assert_eq!(r["received"], r["expected"], "{what}: {r}");
     }
-    for scenario in ["idle", "fanout", "targeted", "cluster"] {
+    for scenario in scenarios {
         assert!(
             stdout.contains(&format!("| {scenario} |")),
             "{scenario} in the table:\n{stdout}"
         );
     }
+}
+
+#[test]
+fn every_scenario_runs_against_both_servers_and_loses_nothing() {
+    let (stdout, _) = loadtest(&["compare", "--quick", "--rounds", "1"]);
+    assert_compared_and_complete(&stdout, &["idle", "fanout", "targeted", "cluster"]);
 }
 
 #[test]
@@ -163,6 +178,66 @@ fn batches_against_both_servers_and_presence_lose_nothing() {
         assert_eq!(r["received"], r["expected"], "{what}: {r}");
     }
     assert!(stdout.contains("| batch |"), "{stdout}");
+}
+
+#[test]
+fn long_polling_clients_against_both_servers_lose_nothing() {
+    let (stdout, _) = loadtest(&[
+        "compare",
+        "--quick",
+        "--rounds",
+        "1",
+        "--only",
+        "idle-polling",
+        "--only",
+        "fanout-polling",
+    ]);
+    assert_compared_and_complete(&stdout, &["idle-polling", "fanout-polling"]);
+}
+
+#[test]
+fn a_flood_reports_the_peak_memory_and_what_reached_the_sockets() {
+    let (stdout, _) = loadtest(&["compare", "--quick", "--rounds", "1", "--only", "flood"]);
+    let results = results(&stdout);
+    assert_eq!(results.len(), 2, "flood x 2 servers:\n{stdout}");
+    for r in &results {
+        let what = format!("flood on {}", r["server"]);
+        assert_eq!(r["scenario"], "flood", "{r}");
+        assert!(r["notifies"].as_u64().unwrap() > 0, "{what} sent nothing");
+        assert!(
+            r["peak_rss_per_connection_kib"].as_f64().unwrap() > 0.0,
+            "{what}: {r}"
+        );
+        // Only a socket the server closed as slow may miss anything.
+        if r["closed_by_server"] == 0 {
+            assert_eq!(r["received"], r["expected"], "{what}: {r}");
+        }
+    }
+    assert!(
+        stdout.contains("| flood | peak RSS per connection, KiB |"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_storm_through_one_address_is_throttled_and_through_a_forwarding_balancer_is_not() {
+    // 300 clients at once: over the default connect limit's burst of 200
+    // for one address.
+    let run = |scenario: &str| {
+        let (stdout, _) = loadtest(&["run", scenario, "--connections", "300"]);
+        results(&stdout).pop().expect("a RESULT line")
+    };
+    let forwarded = run("storm");
+    assert_eq!(forwarded["refused"], 0, "{forwarded}");
+    assert_eq!(forwarded["received"], 300, "{forwarded}");
+    let one_address = run("storm-one-address");
+    assert!(
+        one_address["refused"].as_u64().unwrap() > 0,
+        "{one_address}"
+    );
+    // The limit's 50 per second let the rest in, well within the minute.
+    assert_eq!(one_address["received"], 300, "{one_address}");
+    assert_eq!(one_address["lost"], 0, "{one_address}");
 }
 
 #[test]
