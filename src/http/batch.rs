@@ -22,7 +22,7 @@ use axum::{
     Extension, Json,
     body::Body,
     extract::State,
-    http::{HeaderMap, HeaderValue, Uri},
+    http::{HeaderMap, Uri},
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
@@ -32,8 +32,8 @@ use super::{
     AppState, ClientAddr,
     error::ApiError,
     notify::{
-        api_key, check_depth, header_key, idempotency_key, is_json, parse_body, read_body,
-        wants_receipt,
+        answered, api_key, check_depth, header_key, idempotency_key, is_json, marked_replayed,
+        parse_body, read_body, wants_receipt,
     },
 };
 use crate::{
@@ -83,24 +83,9 @@ pub async fn batch(
     }
     let answers = result?;
     let all_replayed = answers.iter().all(|(_, replayed)| *replayed);
-    let results: Vec<Value> = answers
-        .iter()
-        .map(|(a, _)| {
-            let mut result = json!({"id": a.id, "variant": a.variant});
-            if let Some(receipt) = a.receipt {
-                result["sockets"] = receipt.count.into();
-                result["complete"] = receipt.complete.into();
-            }
-            result
-        })
-        .collect();
-    let mut response = Json(json!({ "results": results })).into_response();
-    if all_replayed {
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    let results: Vec<Value> = answers.iter().map(|(a, _)| answered(a)).collect();
+    let response = Json(json!({ "results": results })).into_response();
+    Ok(marked_replayed(response, all_replayed))
 }
 
 /// Validates the whole batch, then publishes what it must; each item's

@@ -15,11 +15,7 @@ use axum::{Extension, Json, body::Body, extract::State, http::HeaderMap};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{
-    AppState, ClientAddr,
-    error::ApiError,
-    notify::{api_key, object_body},
-};
+use super::{AppState, ClientAddr, error::ApiError, notify::admitted_object};
 use crate::notification::{Channel, KeycloakId};
 
 #[derive(Deserialize)]
@@ -46,10 +42,11 @@ pub async fn disconnect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    state.limiters.check_notify_address(client)?;
-    let (body, header_key): (DisconnectBody, _) = object_body(&state, &headers, body).await?;
-    let key = api_key(&state, header_key, &body.api_key)?;
-    state.limiters.check_notify_key(key)?;
+    let body: DisconnectBody =
+        admitted_object(&state, client, &headers, body, |b: &DisconnectBody| {
+            &b.api_key
+        })
+        .await?;
     let user = match &body.keycloak {
         Some(Value::String(user)) => {
             KeycloakId::parse(user).map_err(|e| ApiError::BadRequest(format!("keycloak: {e}")))?

@@ -12,7 +12,7 @@
 //! [`parse_body`] and [`NotifyBody::validate`] hold the parsing and
 //! validation, free of HTTP, so the fuzz targets run them directly.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use axum::{
     Extension, Json,
@@ -75,26 +75,34 @@ pub async fn notify(
     if let Err(e) = &result {
         tracing::info!(error = %e, "notify refused");
     }
-    let (
-        Answer {
-            id,
-            variant,
-            receipt,
-        },
+    let (answer, replayed) = result?;
+    Ok(marked_replayed(
+        Json(answered(&answer)).into_response(),
         replayed,
-    ) = result?;
-    let mut body = json!({"id": id, "variant": variant});
-    if let Some(Gathered { count, complete }) = receipt {
+    ))
+}
+
+/// An accepted notification as the API answers it: its id and variant,
+/// and with a receipt, the sockets it reached and whether every node
+/// answered.
+pub(super) fn answered(answer: &Answer) -> Value {
+    let mut body = json!({"id": answer.id, "variant": answer.variant});
+    if let Some(Gathered { count, complete }) = answer.receipt {
         body["sockets"] = count.into();
         body["complete"] = complete.into();
     }
-    let mut response = Json(body).into_response();
+    body
+}
+
+/// `response`, marked as a repeat's (`Idempotent-Replayed: true`) when
+/// `replayed`.
+pub(super) fn marked_replayed(mut response: Response, replayed: bool) -> Response {
     if replayed {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok(response)
+    response
 }
 
 /// Validates the call and publishes it (once per `Idempotency-Key`);
@@ -168,14 +176,18 @@ pub(super) fn header_key(state: &AppState, headers: &HeaderMap) -> Result<Option
         .transpose()
 }
 
-/// A JSON-object body of type `T` (`/disconnect`, `POST /presence`),
-/// checked in `/notify`'s order: media type, size, header key, JSON; with
-/// the header's key number, if any.
-pub(super) async fn object_body<T: serde::de::DeserializeOwned>(
+/// A backend call's JSON-object body of type `T` (`/disconnect`, `POST
+/// /presence`), admitted in `/notify`'s order: the caller's address rate,
+/// media type, size, header key, JSON, then the call's key (the header's,
+/// else the body's `API_KEY`, which `body_key` reads) and its rate.
+pub(super) async fn admitted_object<T: serde::de::DeserializeOwned>(
     state: &AppState,
+    client: IpAddr,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(T, Option<usize>), ApiError> {
+    body_key: fn(&T) -> &Option<Value>,
+) -> Result<T, ApiError> {
+    state.limiters.check_notify_address(client)?;
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -186,7 +198,9 @@ pub(super) async fn object_body<T: serde::de::DeserializeOwned>(
     }
     let body = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("body is not valid: {e}")))?;
-    Ok((body, header_key))
+    let key = api_key(state, header_key, body_key(&body))?;
+    state.limiters.check_notify_key(key)?;
+    Ok(body)
 }
 
 /// The call's key number: the header's, else the body's `API_KEY`.

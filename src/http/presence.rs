@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::{
     AppState, ClientAddr,
     error::ApiError,
-    notify::{api_key, header_key, object_body, unauthorized},
+    notify::{admitted_object, header_key, unauthorized},
 };
 use crate::{
     notification::{Channel, KeycloakId},
@@ -75,10 +75,8 @@ pub async fn bulk(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    state.limiters.check_notify_address(client)?;
-    let (body, header_key): (BulkBody, _) = object_body(&state, &headers, body).await?;
-    let key = api_key(&state, header_key, &body.api_key)?;
-    state.limiters.check_notify_key(key)?;
+    let body: BulkBody =
+        admitted_object(&state, client, &headers, body, |b: &BulkBody| &b.api_key).await?;
     let listed = match &body.keycloaks {
         Some(Value::Array(listed)) if (1..=MAX_BULK_USERS).contains(&listed.len()) => listed,
         _ => {
