@@ -167,6 +167,10 @@ pub fn service<S: Clone>(
         // about 80 notifications per write; the send queue
         // (`CHANNELS_SOCKET_QUEUE`) holds the rest.
         .ws_write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        // The connect handler reads the request id, and nothing reads a
+        // socket's request headers after it: a browser's (cookies,
+        // user agent) would otherwise stay with every idle socket.
+        .kept_headers([crate::http::REQUEST_ID])
         // A session that never sends its CONNECT is closed as a connection
         // that never sends its request head is (`crate::server`).
         .connect_timeout(config.header_timeout)

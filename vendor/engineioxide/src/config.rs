@@ -103,6 +103,12 @@ pub struct EngineIoConfig {
     /// Allowed transports on this server
     /// It is represented as a bitfield to allow to combine any number of transports easily
     pub transports: u8,
+
+    /// The request headers a socket keeps for its life
+    /// ([`Socket::req_parts`](crate::socket::Socket::req_parts)): every
+    /// one (`None`, the default), or only these. A browser's headers,
+    /// cookies among them, can weigh more than the rest of an idle socket.
+    pub kept_headers: Option<Vec<http::HeaderName>>,
 }
 
 impl Default for EngineIoConfig {
@@ -120,6 +126,7 @@ impl Default for EngineIoConfig {
             ws_max_message_size: 64 << 20,
             ws_max_frame_size: 16 << 20,
             transports: TransportType::Polling as u8 | TransportType::Websocket as u8,
+            kept_headers: None,
         }
     }
 }
@@ -242,6 +249,14 @@ impl EngineIoConfigBuilder {
     /// but will consume more memory.
     pub fn ws_read_buffer_size(mut self, ws_read_buffer_size: usize) -> Self {
         self.config.ws_read_buffer_size = ws_read_buffer_size;
+        self
+    }
+
+    /// Keeps only these request headers in each socket's
+    /// [`req_parts`](crate::socket::Socket::req_parts) (see
+    /// [`EngineIoConfig::kept_headers`]). By default every header is kept.
+    pub fn kept_headers(mut self, names: impl IntoIterator<Item = http::HeaderName>) -> Self {
+        self.config.kept_headers = Some(names.into_iter().collect());
         self
     }
 

@@ -43,9 +43,12 @@ impl<H: EngineIoHandler> EngineIo<H> {
         self: &Arc<Self>,
         protocol: ProtocolVersion,
         transport: TransportType,
-        req: Parts,
+        mut req: Parts,
         supports_binary: bool,
     ) -> Arc<Socket<H::Data>> {
+        if let Some(kept) = &self.config.kept_headers {
+            req.headers = kept_only(std::mem::take(&mut req.headers), kept);
+        }
         let engine = self.clone();
         let close_fn = Box::new(move |sid, reason| engine.close_session(sid, reason));
 
@@ -114,6 +117,21 @@ impl<H: EngineIoHandler> EngineIo<H> {
     }
 }
 
+/// The values of the `kept` headers of `headers`, in a map sized for them.
+fn kept_only(headers: http::HeaderMap, kept: &[http::HeaderName]) -> http::HeaderMap {
+    let mut only = http::HeaderMap::with_capacity(
+        kept.iter()
+            .map(|name| headers.get_all(name).iter().count())
+            .sum(),
+    );
+    for name in kept {
+        for value in headers.get_all(name) {
+            only.append(name.clone(), value.clone());
+        }
+    }
+    only
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -164,6 +182,47 @@ mod tests {
         assert_eq!(engine.sockets.read().unwrap().len(), 1);
         assert_eq!(socket.protocol, ProtocolVersion::V4);
         assert!(socket.is_http());
+    }
+
+    #[tokio::test]
+    async fn a_session_keeps_only_the_kept_headers_or_every_one_by_default() {
+        let request = || {
+            Request::builder()
+                .header("x-request-id", "req-1")
+                .header("cookie", "a=1")
+                .header("x-twice", "1")
+                .header("x-twice", "2")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let every = create_engine().create_session(
+            ProtocolVersion::V4,
+            TransportType::Polling,
+            request(),
+            true,
+        );
+        assert_eq!(every.req_parts.headers.len(), 4);
+        let config = EngineIoConfig::builder()
+            .kept_headers([
+                http::HeaderName::from_static("x-request-id"),
+                http::HeaderName::from_static("x-twice"),
+            ])
+            .build();
+        let engine = Arc::new(EngineIo::new(Arc::new(MockHandler), config));
+        let socket = engine.create_session(
+            ProtocolVersion::V4,
+            TransportType::Websocket,
+            request(),
+            false,
+        );
+        let headers = &socket.req_parts.headers;
+        assert_eq!(headers["x-request-id"], "req-1");
+        let twice: Vec<_> = headers.get_all("x-twice").iter().collect();
+        assert_eq!(twice, ["1", "2"]);
+        assert!(!headers.contains_key("cookie"));
+        assert_eq!(headers.len(), 3);
     }
 
     #[tokio::test]

@@ -238,6 +238,15 @@ impl<A: Adapter> SocketIoBuilder<A> {
         self
     }
 
+    /// Keeps only these request headers in each socket's
+    /// [`req_parts`](crate::socket::Socket::req_parts) after it is
+    /// created. By default every header is kept.
+    #[inline]
+    pub fn kept_headers(mut self, names: impl IntoIterator<Item = http::HeaderName>) -> Self {
+        self.engine_config_builder = self.engine_config_builder.kept_headers(names);
+        self
+    }
+
     /// How many bytes of frames the websocket transport gathers before it
     /// writes them. Defaults to 128KiB. A lower value bounds what a slow
     /// client holds, at the cost of a write per that many bytes.
