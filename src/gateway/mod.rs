@@ -162,10 +162,10 @@ pub fn service<S: Clone>(
         .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
         // Frames gathered before a write. They wait there while a client
         // reads slower than they come, and the buffer keeps its largest
-        // size for the connection's life: at tungstenite's 128 KiB, a
-        // flooded fan-out held about 100 KiB per socket. 8 KiB is still
-        // about 80 notifications per write; the send queue
-        // (`CHANNELS_SOCKET_QUEUE`) holds the rest.
+        // size for the connection's life, so tungstenite's 128 KiB let a
+        // client that fell behind hold that much. 8 KiB is still about 80
+        // notifications per write; the send queue (`CHANNELS_SOCKET_QUEUE`)
+        // holds the rest.
         .ws_write_buffer_size(WS_WRITE_BUFFER_BYTES)
         // The connect handler reads the request id, and nothing reads a
         // socket's request headers after it: a browser's (cookies,
