@@ -17,16 +17,17 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::{
     Request,
-    client::conn::http1::{self, SendRequest},
+    client::conn::http1::SendRequest,
     header::{HOST, HeaderValue},
 };
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{ClientRequestBuilder, Message, Utf8Bytes, protocol::WebSocketConfig},
 };
+
+use crate::poster::keep_alive;
 
 /// The header a balancer names the client in (`CHANNELS_CLIENT_ADDRESS_HEADER`).
 const FORWARDED_FOR: &str = "x-forwarded-for";
@@ -331,8 +332,8 @@ impl Polling {
         forwarded_for: Option<HeaderValue>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            gets: http(server, sources).await?,
-            posts: http(server, sources).await?,
+            gets: keep_alive(tcp(server, sources).await?).await?,
+            posts: keep_alive(tcp(server, sources).await?).await?,
             host: HeaderValue::from_str(&server.to_string())?,
             forwarded_for,
             path: "/socket.io/?EIO=4&transport=polling".into(),
@@ -396,15 +397,6 @@ impl Polling {
         anyhow::ensure!(status.is_success(), "polling POST answered {status}");
         Ok(())
     }
-}
-
-/// A keep-alive HTTP/1.1 connection, its I/O driven by a task that ends
-/// with it.
-async fn http(server: SocketAddr, sources: &Sources) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream = tcp(server, sources).await?;
-    let (send, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    Ok(send)
 }
 
 /// Binding a source address with port 0 makes the kernel pick a port unique

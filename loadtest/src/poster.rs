@@ -85,6 +85,12 @@ async fn open(server: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
         .await
         .with_context(|| format!("connecting to {server}"))?;
     stream.set_nodelay(true)?;
+    keep_alive(stream).await
+}
+
+/// An HTTP/1.1 keep-alive client on `stream`, its I/O driven by a task
+/// that ends with it (posters, and long-polling clients).
+pub async fn keep_alive(stream: TcpStream) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     let (send, connection) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     Ok(send)
