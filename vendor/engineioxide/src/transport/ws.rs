@@ -80,7 +80,11 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     if parts.extensions.is_empty() {
         parts.extensions = http::Extensions::new();
     }
-    parts.headers = without_key(std::mem::take(&mut parts.headers));
+    // With a list of kept headers, the session keeps only those
+    // (`EngineIo::create_session`): one copy of the map, not two.
+    if engine.config.kept_headers.is_none() {
+        parts.headers = without_key(std::mem::take(&mut parts.headers));
+    }
     let parts = Box::new(parts);
     tokio::spawn(async move {
         let session = match upgrade.await {
