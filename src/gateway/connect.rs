@@ -276,14 +276,14 @@ impl Member {
                 ended_now,
             };
             let missed = gateway.bus.recover(&recovering).await?;
-            Ok::<_, NotRecoverable>((session, missed))
+            Ok::<_, NotRecoverable>((session, after, missed))
         }
         .await;
         match outcome {
-            Ok((session, missed)) => {
+            Ok((session, after, missed)) => {
                 gateway.metrics.recovery(Ok(()));
                 tracing::debug!(missed = missed.len(), "session recovered");
-                gate.set_replay(missed);
+                gate.set_replay(after, missed);
                 Some(session)
             }
             Err(reason) => {

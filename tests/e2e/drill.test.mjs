@@ -66,7 +66,12 @@ async function client(user, channel) {
   });
   socket.received = [];
   socket.connects = 0;
-  socket.on("notification", (msg) => socket.received.push(msg));
+  // How each arrived (offset, connection, transport): a failure shows it.
+  socket.arrivals = [];
+  socket.on("notification", (msg, offset) => {
+    socket.received.push(msg);
+    socket.arrivals.push(`${msg} at ${offset} on connection ${socket.connects} (${socket.io.engine?.transport?.name})`);
+  });
   socket.on("connect", () => {
     socket.connects++;
     if (socket.recovered) socket.recoveries++;
@@ -125,6 +130,14 @@ async function poster(stop) {
     await sleep(5);
   }
   return sent;
+}
+
+/** How a client's repeated notifications arrived, for a failure's message. */
+function arrivals(socket) {
+  const seen = new Map();
+  for (const [k, msg] of socket.received.entries()) seen.set(msg, [...(seen.get(msg) ?? []), k]);
+  const repeated = [...seen.values()].filter((ks) => ks.length > 1);
+  return repeated.map((ks) => ks.map((k) => socket.arrivals[k]).join(", then ")).join("; ") || "nothing twice";
 }
 
 const targets = (socket, { channel, keycloak }) =>
@@ -209,6 +222,6 @@ test("a rolling restart under traffic and a SIGKILL lose nothing, duplicate noth
       }),
   );
   for (const [i, socket] of clients.entries()) {
-    assert.deepEqual(socket.received, expected[i], `client ${socket.user}/${socket.channel}`);
+    assert.deepEqual(socket.received, expected[i], `client ${socket.user}/${socket.channel}: ${arrivals(socket)}`);
   }
 });
