@@ -169,8 +169,9 @@ impl Client {
             let Some(text) = self.next_text().await else {
                 return Event::Closed;
             };
-            // socket.io's DISCONNECT: the server ended the session (a slow
-            // client is disconnected so).
+            // socket.io's DISCONNECT: the server ended the session (channels
+            // closes a slow client's connection instead, the end of
+            // `next_text`).
             if text.starts_with("41") {
                 return Event::Closed;
             }

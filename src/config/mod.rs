@@ -95,7 +95,7 @@ pub struct Config {
     /// `CHANNELS_MAX_BATCH_BYTES`: largest accepted `/notify/batch` body.
     pub max_batch_bytes: usize,
     /// `CHANNELS_SOCKET_QUEUE`: packets a socket may have waiting before it is
-    /// disconnected as a slow client.
+    /// closed as a slow client.
     pub socket_queue: usize,
     /// `CHANNELS_SOCKET_QUEUE_BYTES`: bytes of messages that may wait in one
     /// socket's send queue; past it too, the socket is a slow client.

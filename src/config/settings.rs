@@ -221,7 +221,7 @@ settings! {
         "Largest `/notify` body; at least 262144 (256 KiB).";
     SOCKET_QUEUE: usize = Value("256"), Plain, |raw| count(raw, 8, usize::MAX),
         "Packets that may wait in one socket's send queue; a socket that overflows it is a slow \
-         client and is disconnected. At least 8.";
+         client, and its connection is closed (the client reconnects and recovers). At least 8.";
     SOCKET_QUEUE_BYTES: usize = Value("4194304"), Plain, |raw| count(raw, 65_536, usize::MAX),
         "Bytes of messages that may wait in one socket's send queue (4 MiB); past it too, the \
          socket is a slow client. A single larger message still goes into an empty queue. At \

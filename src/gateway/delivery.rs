@@ -2,13 +2,16 @@
 //! targets and write it to each, without ever waiting on one of them.
 //!
 //! A socket whose bounded send queue is full is a slow client: it is counted
-//! once and disconnected. socketioxide's `SocketRef::disconnect` itself needs a free
-//! slot in that queue for the DISCONNECT packet and gives up with
-//! `InternalChannelFull` otherwise, so [`evict`] retries until it goes
+//! once and its connection closed ([`close_slow`]), with no socket.io
+//! DISCONNECT: the official client takes that as a network failure,
+//! reconnects and recovers what it missed, where a DISCONNECT would keep it
+//! down. The disconnect handler then runs as for any other disconnect.
+//!
+//! `POST /disconnect` does send a DISCONNECT, which needs a free slot in
+//! the queue: for a slow client [`disconnect_slow`] retries until it goes
 //! through; if the client never drains its queue, engine.io's heartbeat
 //! cannot queue its ping either and closes the connection at the next ping
-//! interval. Either way the disconnect handler then runs as for any other
-//! disconnect.
+//! interval.
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,7 +30,7 @@ use crate::{
     recovery::Offset,
 };
 
-/// How often [`evict`] retries the DISCONNECT of a slow client.
+/// How often [`disconnect_slow`] retries the DISCONNECT of a slow client.
 const EVICT_RETRY: Duration = Duration::from_millis(100);
 
 /// Writes notifications from the bus to this node's sockets.
@@ -35,9 +38,11 @@ pub struct Delivery {
     registry: Arc<SocketRegistry>,
     metrics: Metrics,
     /// After this long engine.io's heartbeat has closed a client that never
-    /// drains (ping interval + ping timeout, and a margin), so [`evict`] stops.
+    /// drains (ping interval + ping timeout, and a margin), so
+    /// [`disconnect_slow`] stops.
     evict_give_up: Duration,
-    /// Slow clients being disconnected, so each is counted and evicted once
+    /// Slow clients being closed or disconnected, so each is counted and
+    /// closed once
     /// however many notifications still find it meanwhile.
     evicting: Arc<DashSet<Sid>>,
     /// Whether events carry their offset (recovery on): socket.io's client
@@ -111,8 +116,11 @@ impl Deliver for Delivery {
                 Ok(()) => closed += 1,
                 Err(SocketError::InternalChannelFull) => {
                     // A slow client: its queue cannot take the DISCONNECT.
-                    self.tasks
-                        .spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
+                    self.tasks.spawn(disconnect_slow(
+                        socket,
+                        self.evict_give_up,
+                        self.evicting.clone(),
+                    ));
                     closed += 1;
                 }
                 Err(_) => {
@@ -163,9 +171,8 @@ impl Deliver for Delivery {
                 Err(SocketError::InternalChannelFull) => {
                     if self.evicting.insert(socket.id) {
                         handles.slow_client_disconnects.inc();
-                        tracing::info!(sid = %socket.id, "slow client: send queue full, disconnecting");
-                        self.tasks
-                            .spawn(evict(socket, self.evict_give_up, self.evicting.clone()));
+                        tracing::info!(sid = %socket.id, "slow client: send queue full, closing its connection");
+                        self.tasks.spawn(close_slow(socket, self.evicting.clone()));
                     }
                 }
                 // Closed: the socket is on its way out and its disconnect
@@ -180,8 +187,15 @@ impl Deliver for Delivery {
     }
 }
 
+/// Closes a slow client's connection; it is forgotten as evicting once the
+/// connection is closed.
+async fn close_slow(socket: SocketRef, evicting: Arc<DashSet<Sid>>) {
+    socket.close_underlying_transport().await;
+    evicting.remove(&socket.id);
+}
+
 /// Disconnects a slow client, retrying while its queue is still full.
-async fn evict(socket: SocketRef, give_up: Duration, evicting: Arc<DashSet<Sid>>) {
+async fn disconnect_slow(socket: SocketRef, give_up: Duration, evicting: Arc<DashSet<Sid>>) {
     let deadline = tokio::time::Instant::now() + give_up;
     while socket.connected() && tokio::time::Instant::now() < deadline {
         match socket.clone().disconnect() {

@@ -160,8 +160,8 @@ impl Gate {
 
     /// Writes the replay, then the held deliveries it does not contain, then
     /// opens. A client whose queue stays full for `give_up` (or that had
-    /// more held than the gate holds) is disconnected: it is slow, and its
-    /// session can recover again.
+    /// more held than the gate holds) is slow: its connection is closed, as
+    /// a slow client's is (`super::delivery`), and it can recover again.
     pub async fn flush(&self, socket: &SocketRef, give_up: Duration) {
         let deadline = tokio::time::Instant::now() + give_up;
         loop {
@@ -188,14 +188,14 @@ impl Gate {
                         tokio::time::sleep(DRAIN_WAIT).await;
                     }
                     Err(_) => {
-                        let _ = socket.clone().disconnect();
+                        socket.close_underlying_transport().await;
                         return;
                     }
                 }
             }
         }
-        tracing::info!(sid = %socket.id, "slow client: too much held during its replay, disconnecting");
-        let _ = socket.clone().disconnect();
+        tracing::info!(sid = %socket.id, "slow client: too much held during its replay, closing its connection");
+        socket.close_underlying_transport().await;
     }
 }
 

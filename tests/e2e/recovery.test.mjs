@@ -192,6 +192,43 @@ for (const [kind, startBus] of buses) describe(`one node, ${kind}, limits`, () =
     }
   });
 
+  // A phone that falls behind on a bad network: evicted, not lost.
+  test("a slow client that was evicted reconnects and recovers", async () => {
+    const node = await readyNode(bus, { CHANNELS_SOCKET_QUEUE_BYTES: "65536" });
+    const evicted = async () => {
+      const text = await (await fetch(`${node.url}/metrics`)).text();
+      return Number(/^channels_slow_client_disconnects_total (\d+)/m.exec(text)?.[1] ?? 0);
+    };
+    try {
+      const ivan = await frontend(node, node, "ivan", "admin", ["websocket"]);
+      // The client stops reading: the kernel's buffers fill, then its
+      // queue on the node (64 KiB here), and the node evicts it.
+      const tcp = ivan.io.engine.transport.ws._socket;
+      tcp.pause();
+      const pad = "x".repeat(50_000);
+      const sent = [];
+      for (let n = 0; n < 200 && (await evicted()) === 0; n++) {
+        await post(node, { msg: { n, pad }, keycloak: "ivan", channel: "admin" });
+        sent.push(n);
+      }
+      assert.equal(await evicted(), 1, "evicted as a slow client");
+      tcp.resume();
+      await waitFor(() => ivan.connected && ivan.recoveries.length === 2, 15_000, "reconnect");
+      assert.deepEqual(ivan.recoveries, [false, true]);
+      await post(node, { msg: { n: "after" }, keycloak: "ivan" });
+      sent.push("after");
+      await waitFor(() => ivan.received.length >= sent.length, 10_000, `${sent.length} notifications`).catch(() => {});
+      await sleep(200);
+      assert.deepEqual(
+        ivan.received.map((msg) => msg.n),
+        sent,
+      );
+      ivan.close();
+    } finally {
+      await node.stop();
+    }
+  });
+
   test("more missed than CHANNELS_RECOVERY_MAX_MISSED is not recoverable", async () => {
     const node = await readyNode(bus, { CHANNELS_RECOVERY_MAX_MISSED: "3" });
     const proxy = await startProxy(node);

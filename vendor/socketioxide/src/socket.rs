@@ -796,7 +796,11 @@ impl<A: Adapter> Socket<A> {
     /// # Close the engine.io connection if it is not already closed.
     ///
     /// Return a future that resolves when the underlying transport is closed.
-    pub(crate) async fn close_underlying_transport(&self) {
+    ///
+    /// Unlike [`Socket::disconnect`], no DISCONNECT packet is sent (none is
+    /// queued, so a full queue does not stop it): the client sees its
+    /// transport close and reconnects, as after a network failure.
+    pub async fn close_underlying_transport(&self) {
         if !self.esocket.is_closed() {
             #[cfg(feature = "tracing")]
             tracing::debug!("closing underlying transport for socket: {}", self.id);
