@@ -46,7 +46,9 @@ pub struct Gate<E = EncodedEvent> {
     /// Set once the replay and every held delivery are written; from then
     /// on deliveries above `through` go straight to the socket.
     open: AtomicBool,
-    /// Once open, the highest offset written or known to the client.
+    /// The highest offset the client has, or is written or queued for
+    /// replay: anything live at or below it is already there. Changed only
+    /// under `state`'s lock; read without it once the gate is open.
     through: AtomicU64,
     state: Mutex<Held<E>>,
     /// The most live deliveries held; past it the client is slow.
@@ -58,9 +60,6 @@ struct Held<E> {
     replay: VecDeque<Missed>,
     /// Live deliveries since registration, in offset order.
     live: VecDeque<(Offset, E)>,
-    /// The highest offset the client has, or is written or queued for
-    /// replay: anything live at or below it is already there.
-    through: Offset,
     overflowed: bool,
 }
 
@@ -82,7 +81,6 @@ impl<E: Clone> Gate<E> {
             state: Mutex::new(Held {
                 replay: VecDeque::new(),
                 live: VecDeque::new(),
-                through: 0,
                 overflowed: false,
             }),
             max_held,
@@ -97,9 +95,10 @@ impl<E: Clone> Gate<E> {
     /// offset it returned with): written first, by [`Gate::flush`].
     pub fn set_replay(&self, after: Offset, missed: Vec<Missed>) {
         let mut held = self.lock();
-        held.through = missed
+        let through = missed
             .last()
             .map_or(after, |(offset, _)| (*offset).max(after));
+        self.through.store(through, Ordering::Relaxed);
         held.replay = missed.into();
     }
 
@@ -130,13 +129,13 @@ impl<E: Clone> Gate<E> {
             return Next::Replay(missed);
         }
         while let Some((offset, event)) = held.live.pop_front() {
-            if offset > held.through {
-                held.through = offset;
+            if offset > self.through.load(Ordering::Relaxed) {
+                self.through.store(offset, Ordering::Relaxed);
                 return Next::Live(event);
             }
         }
-        // Under the lock, so no delivery is held after the last take.
-        self.through.store(held.through, Ordering::Relaxed);
+        // Under the lock, so no delivery is held after the last take; the
+        // release publishes `through` to deliveries that see it open.
         self.open.store(true, Ordering::Release);
         Next::Open
     }

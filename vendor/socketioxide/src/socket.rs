@@ -797,9 +797,10 @@ impl<A: Adapter> Socket<A> {
     ///
     /// Return a future that resolves when the underlying transport is closed.
     ///
-    /// Unlike [`Socket::disconnect`], no DISCONNECT packet is sent (none is
-    /// queued, so a full queue does not stop it): the client sees its
-    /// transport close and reconnects, as after a network failure.
+    /// Unlike [`Socket::disconnect`], no socket.io DISCONNECT packet is
+    /// sent, so a full queue does not stop it (engine.io's close packet goes
+    /// only if there is room): the client sees its transport close and
+    /// reconnects, as after a network failure.
     pub async fn close_underlying_transport(&self) {
         if !self.esocket.is_closed() {
             #[cfg(feature = "tracing")]
