@@ -182,7 +182,7 @@ fn compose_mounts_files_that_exist_and_the_dockerfile_checks_health_with_the_bin
 
 /// The fuzz targets are a workspace of their own, which the main manifest's
 /// `[patch.crates-io]` does not reach: it must carry the same patches, or
-/// it fuzzes crates.io's engineioxide and socketioxide instead of ours.
+/// it fuzzes crates.io's versions of the carried crates instead of ours.
 #[test]
 fn the_fuzz_workspace_patches_in_every_carried_crate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -151,14 +151,15 @@ pub fn service<S: Clone>(
         .max_payload(config.ws_max_message_bytes as u64)
         .ws_max_message_size(config.ws_max_message_bytes)
         .ws_max_frame_size(config.ws_max_message_bytes)
-        // The chunk size of websocket reads, and the first capacity of a
-        // buffer each connection keeps for its life (4 KiB by default).
-        // Clients send pongs (6 bytes) and one CONNECT (a few hundred, with
-        // the token), nothing else; a longer message still arrives, in
-        // several reads. 1 KiB → 256 → 64 B: 0.45 and 0.25 KiB less per idle
-        // socket. The price is CPU for client input, which the contract has
-        // none of: 16 MB of client messages cost 3x the server CPU of 256 B
-        // reads (BENCHMARKS.md).
+        // The chunk size of websocket reads, and the capacity of the
+        // buffer each connection keeps for its life (4 KiB by default; the
+        // carried tungstenite gives back what a larger frame, the CONNECT,
+        // grew it to). Clients send pongs (6 bytes) and one CONNECT (a few
+        // hundred, with the token), nothing else; a longer message still
+        // arrives, in several reads. 1 KiB → 256 → 64 B: 0.45 and 0.25 KiB
+        // less per idle socket. The price is CPU for client input, which
+        // the contract has none of: 16 MB of client messages cost 3x the
+        // server CPU of 256 B reads (BENCHMARKS.md).
         .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
         // Frames gathered before a write. They wait there while a client
         // reads slower than they come, and the buffer keeps its largest

@@ -117,16 +117,23 @@ impl<H: EngineIoHandler> EngineIo<H> {
     }
 }
 
-/// The values of the `kept` headers of `headers`, in a map sized for them.
+/// The values of the `kept` headers of `headers`, moved into a map sized
+/// for them: moved, not cloned, since a clone of a value makes its bytes
+/// shared, a further allocation kept as long as the socket.
 fn kept_only(headers: http::HeaderMap, kept: &[http::HeaderName]) -> http::HeaderMap {
     let mut only = http::HeaderMap::with_capacity(
         kept.iter()
             .map(|name| headers.get_all(name).iter().count())
             .sum(),
     );
-    for name in kept {
-        for value in headers.get_all(name) {
-            only.append(name.clone(), value.clone());
+    // The iterator names a header at its first value only.
+    let mut keeping = None;
+    for (name, value) in headers {
+        if let Some(name) = name {
+            keeping = kept.iter().find(|kept| **kept == name);
+        }
+        if let Some(name) = keeping {
+            only.append(name.clone(), value);
         }
     }
     only

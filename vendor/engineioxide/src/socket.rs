@@ -159,7 +159,9 @@ impl Permit<'_> {
 #[derive(Debug)]
 pub(crate) struct InternalRx {
     pub buffered_rx: queue::Receiver<PacketBuf>,
-    pub peeked_packet: Option<PacketBuf>,
+    /// Boxed: only a long-polling request that hit `max_payload` leaves a
+    /// packet here, and inline it would take 168 bytes of every socket.
+    pub peeked_packet: Option<Box<PacketBuf>>,
 }
 
 impl InternalRx {

@@ -2,7 +2,7 @@
 //! The socket struct itself should not be used directly, but through a [`SocketRef`](crate::extract::SocketRef).
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    collections::BTreeMap,
     fmt::{self, Debug},
     future::Future,
     sync::{
@@ -311,10 +311,13 @@ const ACK_SWEEP_MIN: usize = 64;
 /// The socket struct itself should not be used directly, but through a [`SocketRef`](crate::extract::SocketRef).
 pub struct Socket<A: Adapter = LocalAdapter> {
     pub(crate) ns: Arc<Namespace<A>>,
-    message_handlers: RwLock<HashMap<Cow<'static, str>, BoxedMessageHandler<A>>>,
+    /// B-trees, not hash maps, here and in `ack_message`: a socket has a
+    /// handful of handlers and pending acks at most, and an empty `BTreeMap`
+    /// is 24 bytes to a `HashMap`'s 48 (its hasher's keys), in every socket.
+    message_handlers: RwLock<BTreeMap<Cow<'static, str>, BoxedMessageHandler<A>>>,
     fallback_message_handler: RwLock<Option<BoxedMessageHandler<A>>>,
     disconnect_handler: Mutex<Option<BoxedDisconnectHandler<A>>>,
-    ack_message: Mutex<HashMap<i64, oneshot::Sender<AckResult<Value>>>>,
+    ack_message: Mutex<BTreeMap<i64, oneshot::Sender<AckResult<Value>>>>,
     /// The number of entries in `ack_message` at which its abandoned entries are removed.
     ack_sweep_at: AtomicUsize,
     ack_counter: AtomicI64,
@@ -346,10 +349,10 @@ impl<A: Adapter> Socket<A> {
     ) -> Self {
         Self {
             ns,
-            message_handlers: RwLock::new(HashMap::new()),
+            message_handlers: RwLock::new(BTreeMap::new()),
             fallback_message_handler: RwLock::new(None),
             disconnect_handler: Mutex::new(None),
-            ack_message: Mutex::new(HashMap::new()),
+            ack_message: Mutex::new(BTreeMap::new()),
             ack_sweep_at: AtomicUsize::new(ACK_SWEEP_MIN),
             ack_counter: AtomicI64::new(0),
             connected: AtomicBool::new(false),
