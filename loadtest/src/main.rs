@@ -188,6 +188,12 @@ impl Scenario {
         match self {
             Scenario::Idle | Scenario::IdlePolling => vec![
                 ("RSS per connection, KiB", |r| r.rss_per_connection_kib),
+                ("kernel socket buffers per connection, KiB", |r| {
+                    r.kernel_buffers_per_connection_kib
+                }),
+                ("kernel socket structures per connection, KiB", |r| {
+                    r.kernel_structures_per_connection_kib.unwrap_or(0.0)
+                }),
                 ("connects/s", |r| r.connects_per_s),
                 ("server CPU µs per connect", |r| {
                     r.server_cpu_us_per_connect

@@ -48,6 +48,11 @@ pub struct Report {
     pub rss_per_connection_kib: f64,
     /// Flood: the server's peak RSS growth per connection.
     pub peak_rss_per_connection_kib: f64,
+    /// Idle: kernel memory outside RSS, per connection, the server's ends
+    /// (`KernelSockets`): socket buffers, then the sockets' slab objects
+    /// (`None` where `/proc/slabinfo` is not readable).
+    pub kernel_buffers_per_connection_kib: f64,
+    pub kernel_structures_per_connection_kib: Option<f64>,
     pub notifies: u64,
     pub notifies_per_s: f64,
     pub deliveries_per_s: f64,

@@ -22,7 +22,9 @@ use crate::{
     client::{Client, Event, Sources, Transport},
     poster::Poster,
     report::{Latencies, Report, now_us},
-    servers::{Kind, Programs, Redis, Server, TICKS_PER_SECOND, generator_cpu_ticks},
+    servers::{
+        KernelSockets, Kind, Programs, Redis, Server, TICKS_PER_SECOND, generator_cpu_ticks,
+    },
 };
 
 /// Handshakes in flight at once while connecting.
@@ -199,6 +201,7 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     let server = Server::start(kind, programs, None).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.rss_kib();
+    let kernel_before = KernelSockets::read();
     let n = sizes.connections;
     let (stop_tx, stop) = watch::channel(false);
     let servers = std::slice::from_ref(&server);
@@ -223,6 +226,12 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
     })
     .await;
     let after = server.rss_kib();
+    let kernel = KernelSockets::read();
+    // The generator's socket ends are on this machine too and the same
+    // kind of TCP socket: the server's ends are half of what was added.
+    let server_ends_kib = |before: u64, after: u64| {
+        after.saturating_sub(before) as f64 / 2.0 / 1024.0 / n.max(1) as f64
+    };
 
     // Every socket still receives a targeted notification: poster p posts
     // to users p, p + posters, ...
@@ -251,6 +260,11 @@ pub async fn idle(kind: Kind, programs: &Programs, sizes: &Sizes) -> anyhow::Res
         connections: n,
         connects_per_s,
         rss_per_connection_kib: (after.saturating_sub(before)) as f64 / n as f64,
+        kernel_buffers_per_connection_kib: server_ends_kib(kernel_before.buffers, kernel.buffers),
+        kernel_structures_per_connection_kib: kernel_before
+            .structures
+            .zip(kernel.structures)
+            .map(|(before, after)| server_ends_kib(before, after)),
         server_cpu_us_per_connect: connecting.us_each(connecting.servers, n as u64),
         notifies: accepted,
         expected: accepted,

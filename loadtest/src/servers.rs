@@ -303,3 +303,52 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Clock ticks per second of `/proc` CPU times (Linux: always 100 here).
 pub const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The kernel's memory for TCP sockets, machine-wide, in bytes: neither
+/// part is in a process's RSS, and both count every socket end, the
+/// generator's too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelSockets {
+    /// Pages of socket buffers (`mem` of `/proc/net/sockstat`'s `TCP:`
+    /// line): what sockets hold queued.
+    pub buffers: u64,
+    /// The slab objects of the sockets themselves (`TCP` and
+    /// `sock_inode_cache` of `/proc/slabinfo`, active objects times object
+    /// size), or `None` where slabinfo is readable by root only.
+    pub structures: Option<u64>,
+}
+
+impl KernelSockets {
+    pub fn read() -> Self {
+        const PAGE: u64 = 4096;
+        let buffers = std::fs::read_to_string("/proc/net/sockstat")
+            .ok()
+            .and_then(|s| {
+                let tcp = s.lines().find(|l| l.starts_with("TCP:"))?;
+                let mut fields = tcp.split_whitespace();
+                fields.find(|f| *f == "mem")?;
+                fields.next()?.parse::<u64>().ok()
+            })
+            .unwrap_or(0)
+            * PAGE;
+        // slabinfo(5): name, active objects, all objects, object size, …
+        let structures = std::fs::read_to_string("/proc/slabinfo").ok().map(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    let mut fields = l.split_whitespace();
+                    let name = fields.next()?;
+                    if name != "TCP" && name != "sock_inode_cache" {
+                        return None;
+                    }
+                    let active: u64 = fields.next()?.parse().ok()?;
+                    let size: u64 = fields.nth(1)?.parse().ok()?;
+                    Some(active * size)
+                })
+                .sum()
+        });
+        Self {
+            buffers,
+            structures,
+        }
+    }
+}
