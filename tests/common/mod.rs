@@ -137,6 +137,17 @@ pub async fn start(overrides: &[(&str, &str)]) -> TestNode {
     start_with(config(overrides)).await
 }
 
+/// The HTTP client of a [`TestNode`]. It reuses a kept-alive connection
+/// only while it has been idle under half a second: the node closes one
+/// idle for `CHANNELS_HEADER_TIMEOUT` (1 s in some tests), and a request
+/// sent on a connection the node is closing at that moment is reset.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_millis(500))
+        .build()
+        .expect("an HTTP client")
+}
+
 pub async fn start_with(config: Config) -> TestNode {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let node = channels::start(config, listener)
@@ -146,7 +157,7 @@ pub async fn start_with(config: Config) -> TestNode {
     TestNode {
         node,
         addr,
-        http: reqwest::Client::new(),
+        http: http_client(),
     }
 }
 
