@@ -6,12 +6,25 @@ mod common;
 
 use common::{API_KEY, claims, tools::require_pip, upstream_token};
 
-/// A schema-valid `/notify` may be refused for what came before it: `409`
-/// (schemathesis expects it) while a call with the same `Idempotency-Key`
-/// is in progress, and `422` when the key was used with another body.
+/// Every check runs (schemathesis 4's default; a `--checks` option would
+/// override the per-operation setting below), with two settings:
+///
+/// - A schema-valid `/notify` may be refused for what came before it: `409`
+///   (schemathesis expects it) while a call with the same `Idempotency-Key`
+///   is in progress, and `422` when the key was used with another body.
+/// - `GET /presence` is not sent schema-violating queries expecting a
+///   refusal: a query string has no types, so a `channel` or `keycloak`
+///   generated as `false` or `null` arrives as a valid name. The fuzzer's
+///   random seed found it once in CI (`?channel=false`, answered 200).
+///   Refusals of a malformed presence query are `tests/presence.rs`'s.
 const CONFIG: &str = r#"
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+
+[[operations]]
+include-path = "/presence"
+include-method = "GET"
+checks.negative_data_rejection.enabled = false
 "#;
 
 async fn schemathesis(node: &common::TestNode, headers: &[String]) -> (bool, String) {
@@ -22,8 +35,6 @@ async fn schemathesis(node: &common::TestNode, headers: &[String]) -> (bool, Str
     command.arg("--config-file").arg(&config).args([
         "run",
         &node.url("/openapi.json"),
-        "--checks",
-        "all",
         "--max-examples",
         "60",
     ]);
