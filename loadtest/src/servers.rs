@@ -307,7 +307,7 @@ pub const TICKS_PER_SECOND: f64 = 100.0;
 /// The kernel's memory for TCP sockets, machine-wide, in bytes: neither
 /// part is in a process's RSS, and both count every socket end, the
 /// generator's too.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct KernelSockets {
     /// Pages of socket buffers (`mem` of `/proc/net/sockstat`'s `TCP:`
     /// line): what sockets hold queued.
