@@ -31,6 +31,14 @@ use crate::{
     metrics::{Limit, Metrics},
 };
 
+/// The size a connection's read buffer and header write buffer start at,
+/// and the read buffer shrinks back to; both are kept for the connection's
+/// life. hyper's own is 8 KiB, which made each long-polling client (two
+/// kept-alive connections) cost 32 KiB; a request head is a few hundred
+/// bytes, and the read buffer still grows while reads fill it, for a large
+/// body. (Our carried hyper: `vendor/hyper/PATCH.md`.)
+const BUFFER_SIZE: usize = 512;
+
 /// How long a connection past the cap has to send its request head: it
 /// holds one of the few places kept to answer such connections.
 const OVER_CAP_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -52,10 +60,12 @@ pub async fn serve(
 ) {
     let mut within = http1::Builder::new();
     within
+        .init_buf_size(BUFFER_SIZE)
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let mut over_cap = http1::Builder::new();
     over_cap
+        .init_buf_size(BUFFER_SIZE)
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout.min(OVER_CAP_HEADER_TIMEOUT))
         .keep_alive(false);

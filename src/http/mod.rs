@@ -16,19 +16,22 @@ mod ops;
 mod presence;
 
 use std::{
+    convert::Infallible,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
+    task::{Context, Poll},
 };
 
 use axum::{
     Router,
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, Request},
     http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Uri, header},
-    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use futures_util::future::{Either, Ready, ready};
 use tokio_util::sync::CancellationToken;
+use tower::{Layer, Service, ServiceBuilder};
 use tower_http::{
     cors::{AllowOrigin, Any, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -94,18 +97,22 @@ where
     S::Response: axum::response::IntoResponse,
     S::Future: Send + 'static,
 {
-    let app = Router::new()
+    Router::new()
         .route("/socket.io/{file}", get(client_bundle::serve))
         .fallback_service(socket_io)
-        .layer(middleware::from_fn_with_state(limiters, admit))
-        // Innermost first: the span needs the id, which the outer layer sets.
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
-    match cors(config) {
-        Some(cors) => app.layer(cors),
-        None => app,
-    }
+        // One layer: every `Router::layer` boxes the future of what it
+        // wraps once more, for each request, and a long-polling GET keeps
+        // its futures for as long as it waits.
+        .layer(
+            ServiceBuilder::new()
+                // Outermost first: the span needs the id, which the layer
+                // before it sets.
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .option_layer(cors(config))
+                .layer(AdmitLayer(limiters)),
+        )
 }
 
 /// The address a request comes from (see [`Limiters::client_address`]), as
@@ -114,11 +121,55 @@ where
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);
 
+/// [`admit`] as the innermost layer of [`app`], written out rather than by
+/// `axum::middleware::from_fn`, which boxes each request's future (and a
+/// long-polling GET keeps its futures while it waits).
+#[derive(Clone)]
+struct AdmitLayer(Limiters);
+
+impl<S> Layer<S> for AdmitLayer {
+    type Service = Admit<S>;
+
+    fn layer(&self, inner: S) -> Admit<S> {
+        Admit {
+            limiters: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Admit<S> {
+    limiters: Limiters,
+    inner: S,
+}
+
+impl<S> Service<Request> for Admit<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        match admit(&self.limiters, &mut request) {
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(refused) => Either::Left(ready(Ok(refused))),
+        }
+    }
+}
+
 /// Finds the client's address and applies the connection rate to engine.io
 /// handshakes: an engine.io request (`EIO=` in the query) under
 /// `/socket.io/` without a session id opens a new connection; the requests
-/// of an open session, and the client bundle, pass freely.
-async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Next) -> Response {
+/// of an open session, and the client bundle, pass freely. `Err` is the
+/// answer to a refused handshake.
+fn admit(limiters: &Limiters, request: &mut Request) -> Result<(), Response> {
     let peer = request
         .extensions()
         .get::<ConnectInfo<PeerAddr>>()
@@ -132,13 +183,13 @@ async fn admit(State(limiters): State<Limiters>, mut request: Request, next: Nex
     if handshake {
         if let Err(refused) = limiters.check_connect(client) {
             tracing::info!(client = %client, "connection refused: rate limit");
-            return ApiError::from(refused).into_response();
+            return Err(ApiError::from(refused).into_response());
         }
-        detach_head(&mut request);
+        detach_head(request);
     } else {
         request.extensions_mut().insert(ClientAddr(client));
     }
-    next.run(request).await
+    Ok(())
 }
 
 /// The handshake headers a socket still needs once it is open: engineioxide
@@ -154,8 +205,7 @@ const SOCKET_HEADERS: [HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, REQUEST_ID];
 ///
 /// engineioxide keeps the handshake's request head for the socket's whole
 /// life. hyper parses the URI and headers as slices of the connection's read
-/// buffer (8 to 16 KiB), so without the copy every idle socket pins that
-/// buffer; and a browser's headers (cookies above all) would be kept too:
+/// buffer, so without the copy every idle socket pins that buffer; and a browser's headers (cookies above all) would be kept too:
 /// kilobytes per socket, and credentials held in memory for nothing. The
 /// extensions that the layers before this one added (the request id, the
 /// peer address) are a table and a box each, about 0.4 KB per socket, and

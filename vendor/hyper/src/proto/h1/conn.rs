@@ -107,6 +107,11 @@ where
         self.io.set_max_buf_size(max);
     }
 
+    #[cfg(feature = "server")]
+    pub(crate) fn set_init_buf_size(&mut self, size: usize) {
+        self.io.set_init_buf_size(size);
+    }
+
     #[cfg(feature = "client")]
     pub(crate) fn set_read_buf_exact_size(&mut self, sz: usize) {
         self.io.set_read_buf_exact_size(sz);

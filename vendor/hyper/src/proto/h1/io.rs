@@ -92,6 +92,18 @@ where
         self.write_buf.max_buf_size = max;
     }
 
+    /// Starts the read and header write buffers at `size` instead of
+    /// `INIT_BUFFER_SIZE`. The read buffer still grows while reads fill it,
+    /// and shrinks back to no less than `size`.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_init_buf_size(&mut self, size: usize) {
+        if let ReadStrategy::Adaptive { next, init, .. } = &mut self.read_buf_strategy {
+            *next = size;
+            *init = size;
+        }
+        self.write_buf.headers = Cursor::new(Vec::with_capacity(size));
+    }
+
     #[cfg(feature = "client")]
     pub(crate) fn set_read_buf_exact_size(&mut self, sz: usize) {
         self.read_buf_strategy = ReadStrategy::Exact(sz);
@@ -374,6 +386,7 @@ enum ReadStrategy {
     Adaptive {
         decrease_now: bool,
         next: usize,
+        init: usize,
         max: usize,
     },
     #[cfg(feature = "client")]
@@ -385,6 +398,7 @@ impl ReadStrategy {
         ReadStrategy::Adaptive {
             decrease_now: false,
             next: INIT_BUFFER_SIZE,
+            init: INIT_BUFFER_SIZE,
             max,
         }
     }
@@ -410,8 +424,8 @@ impl ReadStrategy {
             ReadStrategy::Adaptive {
                 decrease_now,
                 next,
+                init,
                 max,
-                ..
             } => {
                 if bytes_read >= *next {
                     *next = cmp::min(incr_power_of_two(*next), *max);
@@ -420,7 +434,7 @@ impl ReadStrategy {
                     let decr_to = prev_power_of_two(*next);
                     if bytes_read < decr_to {
                         if *decrease_now {
-                            *next = cmp::max(decr_to, INIT_BUFFER_SIZE);
+                            *next = cmp::max(decr_to, *init);
                             *decrease_now = false;
                         } else {
                             // Decreasing is a two "record" process.
@@ -780,6 +794,42 @@ mod tests {
         assert_eq!(strategy.next(), 8192, "first doesn't decrement");
         strategy.record(1);
         assert_eq!(strategy.next(), 8192, "doesn't decrement under minimum");
+    }
+
+    #[cfg(feature = "server")]
+    #[test]
+    fn read_strategy_adaptive_shrinks_to_its_init_size() {
+        let mut buffered = Buffered::<_, Cursor<Vec<u8>>>::new(Compat::new(Mock::new().build()));
+        buffered.set_init_buf_size(1024);
+        let mut strategy = buffered.read_buf_strategy;
+        assert_eq!(strategy.next(), 1024);
+
+        strategy.record(1024);
+        assert_eq!(strategy.next(), 2048, "grows from its init size");
+
+        strategy.record(1);
+        strategy.record(1);
+        assert_eq!(strategy.next(), 1024, "second smaller record decrements");
+
+        strategy.record(1);
+        strategy.record(1);
+        assert_eq!(strategy.next(), 1024, "doesn't decrement under its init size");
+    }
+
+    #[cfg(feature = "server")]
+    #[cfg(not(miri))]
+    #[tokio::test]
+    async fn init_buf_size_sizes_both_buffers() {
+        let mock = Mock::new().read(b"GET / HTTP/1.1\r\n\r\n").build();
+        let mut buffered = Buffered::<_, Cursor<Vec<u8>>>::new(Compat::new(mock));
+        buffered.set_init_buf_size(1024);
+        assert_eq!(buffered.write_buf.headers.bytes.capacity(), 1024);
+
+        let n = futures_util::future::poll_fn(|cx| buffered.poll_read_from_io(cx))
+            .await
+            .expect("reads");
+        assert_eq!(n, 18);
+        assert_eq!(buffered.read_buf.capacity(), 1024);
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub struct Builder {
     h1_header_read_timeout: Dur,
     h1_writev: Option<bool>,
     max_buf_size: Option<usize>,
+    init_buf_size: Option<usize>,
     pipeline_flush: bool,
     date_header: bool,
 }
@@ -253,6 +254,7 @@ impl Builder {
             h1_header_read_timeout: Dur::Default(Some(Duration::from_secs(30))),
             h1_writev: None,
             max_buf_size: None,
+            init_buf_size: None,
             pipeline_flush: false,
             date_header: true,
         }
@@ -405,6 +407,30 @@ impl Builder {
         self
     }
 
+    /// Set the size the connection's read buffer and header write buffer
+    /// start at.
+    ///
+    /// The read buffer grows while reads fill it, up to the
+    /// [`max_buf_size`](Builder::max_buf_size), and shrinks back to no less
+    /// than this size. Both buffers are kept for the connection's life, so a
+    /// smaller size costs each idle connection less memory, and a request
+    /// larger than it a read or more.
+    ///
+    /// Default is 8192.
+    ///
+    /// # Panics
+    ///
+    /// This method panics if `size` is less than 64 or more than 8192, the
+    /// smallest `max_buf_size` allowed.
+    pub fn init_buf_size(&mut self, size: usize) -> &mut Self {
+        assert!(
+            (64..=proto::h1::MINIMUM_MAX_BUFFER_SIZE).contains(&size),
+            "the init_buf_size must be from 64 to the minimum max_buf_size that h1 specifies."
+        );
+        self.init_buf_size = Some(size);
+        self
+    }
+
     /// Set whether the `date` header should be included in HTTP responses.
     ///
     /// Note that including the `date` header is recommended by RFC 7231.
@@ -512,6 +538,9 @@ impl Builder {
         conn.set_flush_pipeline(self.pipeline_flush);
         if let Some(max) = self.max_buf_size {
             conn.set_max_buf_size(max);
+        }
+        if let Some(size) = self.init_buf_size {
+            conn.set_init_buf_size(size);
         }
         if !self.date_header {
             conn.disable_date_header();
