@@ -72,7 +72,8 @@ pub struct Handles {
     pub bus_publish_errors: IntCounter,
     /// Bus topics this node is subscribed to.
     pub bus_subscriptions: IntGauge,
-    /// Sockets disconnected because their send queue overflowed.
+    /// Sockets whose connection was closed because their send queue
+    /// overflowed; their clients reconnect and recover.
     pub slow_client_disconnects: IntCounter,
     /// Sessions that came back with a pid: `recovered`, or why not.
     recoveries: IntCounterVec,
@@ -261,7 +262,7 @@ impl Metrics {
             .expect("valid"),
             slow_client_disconnects: IntCounter::new(
                 "slow_client_disconnects_total",
-                "Sockets disconnected because their send queue overflowed",
+                "Sockets whose connection was closed for overflowing their send queue (their clients reconnect and recover)",
             )
             .expect("valid"),
             connections: IntGauge::new(
