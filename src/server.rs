@@ -34,9 +34,11 @@ use crate::{
 /// The size a connection's read buffer and header write buffer start at,
 /// and the read buffer shrinks back to; both are kept for the connection's
 /// life. hyper's own is 8 KiB, which made each long-polling client (two
-/// kept-alive connections) cost 32 KiB; a request head is a few hundred
-/// bytes, and the read buffer still grows while reads fill it, for a large
-/// body. (Our carried hyper: `vendor/hyper/PATCH.md`.)
+/// kept-alive connections) cost 32 KiB. A request larger than this takes
+/// another read, and a read that fills the buffer doubles the next one, so
+/// a large body is read in large reads and a connection whose requests
+/// fill 512 bytes keeps reading 1 KiB at a time. (Our carried hyper:
+/// `vendor/hyper/PATCH.md`.)
 const BUFFER_SIZE: usize = 512;
 
 /// How long a connection past the cap has to send its request head: it

@@ -86,7 +86,9 @@ pub fn router(state: AppState) -> Router {
 
 /// The whole node: the client bundle first (socket.io would otherwise take
 /// `/socket.io/socket.io.js` for an engine.io request), then `socket_io`.
-/// Every request first passes [`admit`].
+/// Every request passes [`admit`], inside the request id, trace and CORS
+/// layers (so a refusal has its id, its span and, for a page, its CORS
+/// headers).
 pub fn app<S>(socket_io: S, config: &Config, limiters: Limiters) -> Router
 where
     S: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
@@ -205,8 +207,9 @@ const SOCKET_HEADERS: [HeaderName; 2] = [header::SEC_WEBSOCKET_KEY, REQUEST_ID];
 ///
 /// engineioxide keeps the handshake's request head for the socket's whole
 /// life. hyper parses the URI and headers as slices of the connection's read
-/// buffer, so without the copy every idle socket pins that buffer; and a browser's headers (cookies above all) would be kept too:
-/// kilobytes per socket, and credentials held in memory for nothing. The
+/// buffer, so without the copy every idle socket pins that buffer; and a
+/// browser's headers (cookies above all) would be kept too: kilobytes per
+/// socket, and credentials held in memory for nothing. The
 /// extensions that the layers before this one added (the request id, the
 /// peer address) are a table and a box each, about 0.4 KB per socket, and
 /// no socket handler reads them (socketioxide's `HttpExtension` would).
