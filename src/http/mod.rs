@@ -161,7 +161,7 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         match admit(&self.limiters, &mut request) {
             Ok(()) => Either::Right(self.inner.call(request)),
-            Err(refused) => Either::Left(ready(Ok(refused))),
+            Err(refused) => Either::Left(ready(Ok(refused.into_response()))),
         }
     }
 }
@@ -169,9 +169,9 @@ where
 /// Finds the client's address and applies the connection rate to engine.io
 /// handshakes: an engine.io request (`EIO=` in the query) under
 /// `/socket.io/` without a session id opens a new connection; the requests
-/// of an open session, and the client bundle, pass freely. `Err` is the
-/// answer to a refused handshake.
-fn admit(limiters: &Limiters, request: &mut Request) -> Result<(), Response> {
+/// of an open session, and the client bundle, pass freely. `Err` is why a
+/// handshake is refused.
+fn admit(limiters: &Limiters, request: &mut Request) -> Result<(), ApiError> {
     let peer = request
         .extensions()
         .get::<ConnectInfo<PeerAddr>>()
@@ -185,7 +185,7 @@ fn admit(limiters: &Limiters, request: &mut Request) -> Result<(), Response> {
     if handshake {
         if let Err(refused) = limiters.check_connect(client) {
             tracing::info!(client = %client, "connection refused: rate limit");
-            return Err(ApiError::from(refused).into_response());
+            return Err(ApiError::from(refused));
         }
         detach_head(request);
     } else {
