@@ -15,6 +15,7 @@ use base64::Engine;
 use clap::{Parser, Subcommand};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     auth::{UpstreamVerifier, WsTokens},
@@ -164,6 +165,13 @@ fn serve(dev_mode: bool) -> ExitCode {
         tracing::warn!("{unknown}; it is ignored");
     }
     runtime(config.worker_threads).block_on(async move {
+        // Before the node serves: a SIGTERM that arrives once it answers
+        // must shut it down gracefully, not kill it by the default action
+        // because no handler was installed yet.
+        let mut signals = match ShutdownSignals::install() {
+            Ok(signals) => signals,
+            Err(e) => return report(Err(Failure(format!("cannot handle signals: {e}"), 2))),
+        };
         let listener = match crate::limits::bind(config.listen, config.listen_backlog) {
             Ok(l) => l,
             Err(e) => {
@@ -175,7 +183,7 @@ fn serve(dev_mode: bool) -> ExitCode {
             Ok(node) => node,
             Err(e) => return report(Err(Failure(e.to_string(), 2))),
         };
-        shutdown_signal().await;
+        signals.recv().await;
         tracing::info!("shutdown signal received");
         if node.shutdown().await {
             ExitCode::SUCCESS
@@ -215,13 +223,27 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
+/// SIGINT and SIGTERM, the signals that shut a node down gracefully.
+struct ShutdownSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl ShutdownSignals {
+    /// Replaces the signals' default action (end the process) from here on.
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for either signal.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {},
+            _ = self.terminate.recv() => {},
+        }
     }
 }
 

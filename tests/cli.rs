@@ -97,6 +97,42 @@ async fn sigterm_exits_cleanly_within_the_bound() {
     assert!(status.success(), "{status}");
 }
 
+/// A SIGTERM that arrives while the node is still starting (its port
+/// already listens) waits for the start, then shuts the node down
+/// gracefully: the handler is installed before the node binds. Installed
+/// after the start, as it once was, the signal's default action killed a
+/// node that had just begun to answer.
+#[test]
+fn sigterm_during_start_exits_cleanly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = channels(&["serve", "--dev"], &[("CHANNELS_LISTEN", listen.as_str())])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(5), "never listened");
+    }
+    // SAFETY: kill(2) with the pid of our own child, not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit within the bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
+
 /// The tokio worker threads of process `pid`, by their name in `/proc`.
 /// The worker threads of the process `pid`, once their count has settled:
 /// tokio starts its workers on its blocking pool, so on a busy machine the
