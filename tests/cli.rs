@@ -80,20 +80,8 @@ async fn sigterm_exits_cleanly_within_the_bound() {
     let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     let started = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(6),
-            "no exit within the bound"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    sigterm(&child);
+    let status = exit_within(&mut child, started, Duration::from_secs(6));
     assert!(status.success(), "{status}");
 }
 
@@ -118,22 +106,33 @@ fn sigterm_during_start_exits_cleanly() {
     while std::net::TcpStream::connect(&listen).is_err() {
         assert!(started.elapsed() < Duration::from_secs(5), "never listened");
     }
-    // SAFETY: kill(2) with the pid of our own child, not yet waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit within the bound"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    sigterm(&child);
+    let status = exit_within(&mut child, started, Duration::from_secs(10));
     assert!(status.success(), "{status}");
 }
 
-/// The tokio worker threads of process `pid`, by their name in `/proc`.
+/// Sends SIGTERM with kill(2) itself: a `kill` process would start too
+/// late for the signal to find the node still starting.
+fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) with the pid of our own child, not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+}
+
+/// How `child` exited, within `bound` of `started`.
+fn exit_within(
+    child: &mut std::process::Child,
+    started: Instant,
+    bound: Duration,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < bound, "no exit within the bound");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The worker threads of the process `pid`, once their count has settled:
 /// tokio starts its workers on its blocking pool, so on a busy machine the
 /// last may start after the node already answers. Waits up to 5 s for the
