@@ -236,3 +236,44 @@ async fn redis_down_answers_503_and_delivers_nothing() {
     }
     assert_eq!(all_received(&mut socket).await, Vec::<Value>::new());
 }
+
+/// The items of a batch go to Redis as one call of the publish script; an
+/// item whose write Redis refuses (here its history stream's key holds a
+/// string) fails alone: the batch answers `503`, and the items before and
+/// after it are delivered, in order.
+#[tokio::test]
+async fn an_item_redis_refuses_fails_alone_and_the_others_are_delivered() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis).await;
+    let b = redis_node(&redis).await;
+    let mut alice = b.socket("alice", "admin").await;
+    let mut bob = b.socket("bob", "admin").await;
+    redis
+        .cli(&["SET", "channels:h:u:bob", "not a stream"])
+        .expect("redis-cli SET");
+    let answer = batch(
+        &a,
+        None,
+        json!({"notifications": [
+            {"keycloak": "alice", "msg": 1},
+            {"keycloak": "bob", "msg": 2},
+            {"keycloak": "alice", "msg": 3},
+        ]}),
+    )
+    .await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(all_received(&mut alice).await, [json!(1), json!(3)]);
+    assert_eq!(all_received(&mut bob).await, Vec::<Value>::new());
+    // Once the key is gone, bob's notifications go out again.
+    redis
+        .cli(&["DEL", "channels:h:u:bob"])
+        .expect("redis-cli DEL");
+    let answer = batch(
+        &a,
+        None,
+        json!({"notifications": [{"keycloak": "bob", "msg": 4}]}),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(all_received(&mut bob).await, [json!(4)]);
+}

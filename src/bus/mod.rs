@@ -133,7 +133,7 @@ impl Bus {
 
     /// Publishes notifications in order, as one publish each in a row would,
     /// but without waiting for one before sending the next (over Redis, one
-    /// pipelined round trip). One outcome per notification, in order.
+    /// job of the publisher). One outcome per notification, in order.
     pub async fn publish_many(
         &self,
         notifications: Vec<Notification>,

@@ -4,7 +4,7 @@
 //! every item, and the batch is validated whole: the first bad item is
 //! answered `400` with its `index`, and nothing is delivered. The items are
 //! published in array order without waiting for one before the next (over
-//! Redis, one pipelined round trip), so every socket receives them in that
+//! Redis, one job of the publisher), so every socket receives them in that
 //! order, and a batch is ordered with other calls as if its items had been
 //! posted one by one.
 //!

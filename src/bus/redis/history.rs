@@ -1,10 +1,14 @@
 //! The recovery history in Redis, and the records recovery reads beside it.
 //!
-//! * **One sequence, assigned with the publish.** [`PUBLISH_SCRIPT`] does
-//!   `INCR` of `{prefix}:seq`, `XADD` to the target's stream with the
-//!   sequence number as the entry id, and `PUBLISH` of `"<seq> <json>"`,
-//!   atomically: an entry is in the history exactly when its message went
-//!   out, and the numbers follow the order every subscriber receives in.
+//! * **One sequence, assigned with the publish.** [`PUBLISH_SCRIPT`]
+//!   takes the notifications queued together (one or many) and, atomically,
+//!   reserves their numbers with one `INCRBY` of `{prefix}:seq`, then for
+//!   each `XADD`s it to the target's stream with its number as the entry id
+//!   and `PUBLISH`es `"<seq> <json>"`: an entry is in the history exactly
+//!   when its message went out, and the numbers follow the order every
+//!   subscriber receives in. One call for several notifications because
+//!   a script's run costs Redis more than the commands in it (BENCHMARKS.md,
+//!   "What bounds each figure").
 //!   (Lua numbers are doubles: offsets stay below 2^53, exact, until the
 //!   year 2255, and are formatted with `%.0f`, never in exponent form.)
 //!   The sequence starts at Redis's clock in ms × 1000 when its key is
@@ -46,28 +50,45 @@ use crate::{
     recovery::{Ended, NodeId, Offset, Origin, Session},
 };
 
-/// See the module documentation. KEYS: sequence, stream, and for a call
-/// with an `Idempotency-Key` its record. ARGV: topic, payload, max entries,
-/// retention in ms, the publish command (`PUBLISH`, or `SPUBLISH` on a
-/// Redis Cluster), and with the record its value and lifetime in ms.
-/// Returns the offset and how many subscribers (nodes) received the
-/// message.
+/// See the module documentation. KEYS: the sequence, each item's stream,
+/// then the `Idempotency-Key` records of the items that have one. ARGV:
+/// the number of items, max entries per stream, retention in ms, the
+/// publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), a
+/// record's lifetime in ms, then four per item: its topic, its payload, the
+/// `KEYS` index of its record (`0`: none) and the record's value. Returns
+/// per item its offset and how many subscribers (nodes) received it, or
+/// `0` and the error (a stream key of another type, say) when its writes
+/// failed: an item's failure fails only that item, as separate calls would.
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
+local n = tonumber(ARGV[1])
+local last = redis.call('INCRBY', KEYS[1], n)
+if last == n then
   local now = redis.call('TIME')
   local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('SET', KEYS[1], string.format('%.0f', ms * 1000))
+  last = ms * 1000 + n
+  redis.call('SET', KEYS[1], string.format('%.0f', last))
 end
-local seq = string.format('%.0f', redis.call('INCR', KEYS[1]))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'n', ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if KEYS[3] then
-  redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
+local out = {}
+for i = 1, n do
+  local at = 4 * i + 2
+  local seq = string.format('%.0f', last - n + i)
+  local reply = redis.pcall('XADD', KEYS[1 + i], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'n', ARGV[at + 1])
+  if not failed(reply) then
+    redis.pcall('PEXPIRE', KEYS[1 + i], ARGV[3])
+    local record = tonumber(ARGV[at + 2])
+    if record > 0 then
+      reply = redis.pcall('SET', KEYS[record], ARGV[at + 3], 'PX', ARGV[5])
+    end
+  end
+  if not failed(reply) then
+    reply = redis.pcall(ARGV[4], ARGV[at], seq .. ' ' .. ARGV[at + 1])
+  end
+  if failed(reply) then out[i] = {0, reply.err} else out[i] = {seq, reply} end
 end
-local receivers = redis.call(ARGV[5], ARGV[1], seq .. ' ' .. ARGV[2])
-return {seq, receivers}
+return out
 ",
     )
 });

@@ -1,12 +1,12 @@
 //! The cluster bus: Redis pub/sub between nodes, and the recovery history
 //! beside it.
 //!
-//! * **Publish** ([`publisher`]): one script per notification with recovery
-//!   on (sequence, history entry and `PUBLISH` at once, [`history`]; on a
-//!   Redis Cluster in the one slot of the `{prefix}` hash tag, see
-//!   [`key_prefix`]), a plain `PUBLISH` (or `SPUBLISH` on a Redis Cluster)
-//!   otherwise, on a shared multiplexed connection that pipelines
-//!   concurrent calls. `/notify` is answered once Redis has executed it, and
+//! * **Publish** ([`publisher`]): with recovery on, one script call for the
+//!   notifications queued together (sequence, history entries and
+//!   `PUBLISH`es at once, [`history`]; on a Redis Cluster in the one slot of
+//!   the `{prefix}` hash tag, see [`key_prefix`]), plain `PUBLISH`es (or
+//!   `SPUBLISH` on a Redis Cluster) otherwise, on a shared multiplexed
+//!   connection that pipelines concurrent calls. `/notify` is answered once Redis has executed it, and
 //!   Redis hands messages to each subscriber connection in execution order:
 //!   that is the ordering guarantee.
 //! * **Targeted subscriptions** ([`topics`], [`subscriber`]): a node
@@ -210,16 +210,20 @@ impl RedisBus {
             return Err(BusError::Unavailable);
         }
         let (done, outcome) = oneshot::channel();
-        let item = self.item(notification);
-        if self.jobs.send(Job::Publish { item, done }).await.is_err() {
+        let items = vec![self.item(notification)];
+        if self.jobs.send(Job::Publish { items, done }).await.is_err() {
             return Err(BusError::Unavailable);
         }
-        outcome.await.unwrap_or(Err(BusError::Unavailable))
+        outcome
+            .await
+            .ok()
+            .and_then(|mut outcomes| outcomes.pop())
+            .unwrap_or(Err(BusError::Unavailable))
     }
 
-    /// Publishes notifications in order, in one pipeline: the
-    /// [`Publisher`] would not keep separate jobs in order. Each one's
-    /// outcome: how many nodes received it.
+    /// Publishes notifications in order, as one job: the [`Publisher`]
+    /// keeps a job's items together and in order, separate jobs not. Each
+    /// one's outcome: how many nodes received it.
     pub async fn publish_many(
         &self,
         notifications: Vec<Notification>,
@@ -234,12 +238,7 @@ impl RedisBus {
             .map(|notification| self.item(notification))
             .collect();
         let (done, outcomes) = oneshot::channel();
-        if self
-            .jobs
-            .send(Job::PublishMany { items, done })
-            .await
-            .is_err()
-        {
+        if self.jobs.send(Job::Publish { items, done }).await.is_err() {
             return failed(count);
         }
         outcomes.await.unwrap_or_else(|_| failed(count))

@@ -8,7 +8,9 @@
 //! the driver wrote each publish on its own, and Redis woke for each (2.4
 //! publishes per Redis `read` against 4 here). The first job lets the
 //! other ready tasks run (`yield_now`), then every job queued meanwhile is
-//! sent in one poll, which the driver writes together.
+//! sent in one poll, which the driver writes together; with recovery on,
+//! their notifications go out as one call of the publish script (up to
+//! [`SCRIPT_ITEMS`]), which costs Redis less than a call each.
 
 use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
@@ -23,27 +25,23 @@ use super::{
 };
 use crate::{bus::BusError, recovery};
 
-/// Jobs sent to Redis and not yet answered, at most; past this the
+/// Calls sent to Redis and not yet answered, at most; past this the
 /// [`Publisher`] takes no more from its queue.
-const JOBS_IN_FLIGHT: usize = 4096;
+const CALLS_IN_FLIGHT: usize = 4096;
+/// The most jobs taken from the queue at once.
+const JOBS_AT_ONCE: usize = 4096;
+/// The most notifications in one call of the publish script: a script
+/// holds Redis for its whole run (about 5 µs per notification), so a large
+/// batch goes as several calls, one after the other.
+const SCRIPT_ITEMS: usize = 100;
 /// How often the node's heartbeat is written.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// One job for the [`Publisher`].
 pub enum Job {
-    /// A notification, and where its outcome goes: how many nodes
-    /// received it.
-    Publish {
-        item: Publish,
-        done: oneshot::Sender<Result<usize, BusError>>,
-    },
-    /// Notifications that must go out in this order (a batch): one
-    /// pipeline, so neither the connection nor this task reorders them.
-    /// One outcome per item.
-    PublishMany {
-        items: Vec<Publish>,
-        done: oneshot::Sender<Vec<Result<usize, BusError>>>,
-    },
+    /// Notifications that must go out in this order (one, or a batch's),
+    /// and where their outcomes go: how many nodes received each.
+    Publish { items: Vec<Publish>, done: Done },
     /// A write nobody waits for (a session's end).
     Write(redis::Cmd),
 }
@@ -59,35 +57,14 @@ pub struct Publish {
     pub record: Option<(String, String)>,
 }
 
-impl Publish {
-    /// The publish script's call for this item (recovery on).
-    fn invocation(
-        &self,
-        shared: &Shared,
-        stream: &str,
-        publish_command: &'static str,
-    ) -> redis::ScriptInvocation<'static> {
-        let retention = shared
-            .recovery
-            .map_or(0, |r| r.retention.as_millis() as u64);
-        let max = shared.recovery.map_or(0, |r| r.max_missed);
-        let mut invocation = PUBLISH_SCRIPT.prepare_invoke();
-        invocation
-            .key(Keys(&shared.prefix).sequence())
-            .key(stream)
-            .arg(&self.topic)
-            .arg(&self.payload)
-            .arg(max)
-            .arg(retention)
-            .arg(publish_command);
-        if let Some((key, value)) = &self.record {
-            invocation
-                .key(key)
-                .arg(value)
-                .arg(shared.idempotency_window.as_millis() as u64);
-        }
-        invocation
-    }
+/// Where a job's outcomes go.
+type Done = oneshot::Sender<Vec<Result<usize, BusError>>>;
+
+/// What one call of the [`Publisher`] sends.
+enum Call {
+    /// The notifications of one or more [`Job::Publish`]es, in queue order.
+    Publish(Vec<(Vec<Publish>, Done)>),
+    Write(redis::Cmd),
 }
 
 pub struct Publisher;
@@ -104,182 +81,206 @@ impl Publisher {
                 // Sends what was just pushed, and answers what Redis answered.
                 biased;
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                first = queue.recv(), if in_flight.len() < JOBS_IN_FLIGHT => {
+                first = queue.recv(), if in_flight.len() < CALLS_IN_FLIGHT => {
                     let Some(first) = first else { break };
                     tokio::task::yield_now().await;
-                    let (connection, generation) = shared.connection();
-                    let mut next = Some(first);
-                    while let Some(job) = next {
-                        in_flight.push(Self::send(&shared, connection.clone(), generation, job));
-                        next = (in_flight.len() < JOBS_IN_FLIGHT)
-                            .then(|| queue.try_recv().ok())
-                            .flatten();
+                    let mut jobs = vec![first];
+                    while jobs.len() < JOBS_AT_ONCE && let Ok(job) = queue.try_recv() {
+                        jobs.push(job);
                     }
+                    let (connection, generation) = shared.connection();
+                    calls(jobs, |call| {
+                        in_flight.push(Self::send(&shared, connection.clone(), generation, call));
+                    });
                 }
                 _ = heartbeat.tick(), if beats => {
                     let (connection, generation) = shared.connection();
-                    in_flight.push(Self::send(&shared, connection, generation, Job::Write(beat(&shared, false))));
+                    in_flight.push(Self::send(&shared, connection, generation, Call::Write(beat(&shared, false))));
                 }
                 _ = stop.cancelled() => break,
             }
         }
         let (connection, generation) = shared.connection();
-        while let Ok(job) = queue.try_recv() {
-            in_flight.push(Self::send(&shared, connection.clone(), generation, job));
-        }
+        calls(std::iter::from_fn(|| queue.try_recv().ok()), |call| {
+            in_flight.push(Self::send(&shared, connection.clone(), generation, call));
+        });
         while in_flight.next().await.is_some() {}
         if beats {
             Self::send(
                 &shared,
                 connection,
                 generation,
-                Job::Write(beat(&shared, true)),
+                Call::Write(beat(&shared, true)),
             )
             .await;
         }
     }
 
-    /// One job, answered to whoever waits. A failure tells the
-    /// [`super::subscriber::Subscriber`] when the connection itself is gone.
-    async fn send(shared: &Shared, connection: Option<Connection>, generation: u64, job: Job) {
-        let Some(mut connection) = connection else {
-            match job {
-                Job::Publish { done, .. } => {
-                    let _ = done.send(Err(BusError::Unavailable));
+    /// One call, its outcomes handed to whoever waits.
+    async fn send(shared: &Shared, connection: Option<Connection>, generation: u64, call: Call) {
+        match (call, connection) {
+            (Call::Write(command), Some(mut connection)) => {
+                if let Err(e) = connection.query::<()>(&command).await {
+                    Self::failed(shared, generation, &e);
                 }
-                Job::PublishMany { items, done } => {
-                    let _ = done.send(items.iter().map(|_| Err(BusError::Unavailable)).collect());
+            }
+            (Call::Write(_), None) => {}
+            (Call::Publish(jobs), connection) => {
+                let items: Vec<&Publish> = jobs.iter().flat_map(|(items, _)| items).collect();
+                let mut outcomes = match connection {
+                    Some(mut connection) => {
+                        Self::publish(shared, &mut connection, generation, &items).await
+                    }
+                    None => items.iter().map(|_| Err(BusError::Unavailable)).collect(),
                 }
-                Job::Write(_) => {}
+                .into_iter();
+                for (items, done) in jobs {
+                    let _ = done.send(outcomes.by_ref().take(items.len()).collect());
+                }
             }
-            return;
-        };
-        if let Job::PublishMany { items, done } = job {
-            let outcomes = Self::publish_many(shared, &mut connection, generation, &items).await;
-            let _ = done.send(outcomes);
-            return;
-        }
-        let (result, done) = match job {
-            Job::Publish { item, done } if item.stream.is_some() => {
-                let stream = item.stream.as_deref().expect("checked above");
-                let invocation = item.invocation(shared, stream, connection.publish_command());
-                let result = connection.invoke::<(u64, i64)>(&invocation).await.map(
-                    |(offset, receivers)| {
-                        shared.position.fetch_max(offset, Ordering::AcqRel);
-                        receivers.max(0) as usize
-                    },
-                );
-                (result, Some(done))
-            }
-            Job::Publish {
-                item: Publish {
-                    topic, mut payload, ..
-                },
-                done,
-            } => {
-                // Recovery off: no sequence, every message at offset 0.
-                payload.splice(0..0, *b"0 ");
-                let mut command = redis::cmd(connection.publish_command());
-                command.arg(&topic).arg(payload);
-                (
-                    connection
-                        .query::<i64>(&command)
-                        .await
-                        .map(|receivers| receivers.max(0) as usize),
-                    Some(done),
-                )
-            }
-            Job::Write(command) => (connection.query::<()>(&command).await.map(|()| 0), None),
-            Job::PublishMany { .. } => unreachable!("sent above"),
-        };
-        let outcome = result.map_err(|e| {
-            shared.metrics.handles().bus_publish_errors.inc();
-            tracing::warn!(error = %e, "write to Redis failed");
-            if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() {
-                let _ = shared.lost.send(generation);
-            }
-            BusError::Unavailable
-        });
-        if let Some(done) = done {
-            let _ = done.send(outcome);
         }
     }
-}
 
-impl Publisher {
-    /// One pipeline for the items, in order: the publish script loaded
-    /// first (a pipeline does not load it on `NOSCRIPT`), then one call per
-    /// item. Each item's outcome (how many nodes received it); all fail
-    /// when the connection does.
-    async fn publish_many(
+    /// Publishes `items` in order; each one's outcome (how many nodes
+    /// received it). Recovery on: calls of the publish script of up to
+    /// [`SCRIPT_ITEMS`] each, one after the other, and once one fails the
+    /// rest are not sent. Recovery off: one pipeline of plain publishes,
+    /// every message at offset 0.
+    async fn publish(
         shared: &Shared,
         connection: &mut Connection,
         generation: u64,
-        items: &[Publish],
+        items: &[&Publish],
     ) -> Vec<Result<usize, BusError>> {
         let publish = connection.publish_command();
-        let mut pipeline = redis::pipe();
-        pipeline.ignore_errors();
-        let scripted = items.iter().any(|item| item.stream.is_some());
-        if scripted {
-            pipeline.load_script(&PUBLISH_SCRIPT);
-        }
-        let mut invocations = Vec::new();
-        for item in items {
-            if let Some(stream) = &item.stream {
-                invocations.push(item.invocation(shared, stream, publish));
+        let mut outcomes = Vec::with_capacity(items.len());
+        if shared.recovery.is_none() {
+            let mut pipeline = redis::pipe();
+            pipeline.ignore_errors();
+            for item in items {
+                let mut payload = b"0 ".to_vec();
+                payload.extend_from_slice(&item.payload);
+                pipeline.cmd(publish).arg(&item.topic).arg(payload);
             }
-        }
-        let mut scripts = invocations.iter();
-        for item in items {
-            match &item.stream {
-                Some(_) => {
-                    pipeline.invoke_script(scripts.next().expect("one per scripted item"));
-                }
-                None => {
-                    let mut payload = b"0 ".to_vec();
-                    payload.extend_from_slice(&item.payload);
-                    pipeline.cmd(publish).arg(&item.topic).arg(payload);
-                }
-            }
-        }
-        match connection.pipeline(&pipeline).await {
-            Ok(replies) => replies
-                .into_iter()
-                .skip(usize::from(scripted))
-                .map(|reply| match reply {
+            match connection.pipeline(&pipeline).await {
+                Ok(replies) => outcomes.extend(replies.iter().map(|reply| match reply {
                     redis::Value::ServerError(e) => {
-                        shared.metrics.handles().bus_publish_errors.inc();
-                        tracing::warn!(error = ?e, "a batch item's publish failed");
-                        Err(BusError::Unavailable)
+                        Err(Self::item_failed(shared, &format!("{e:?}")))
                     }
-                    // The script's offset and receivers.
-                    redis::Value::Array(parts) => {
-                        if let Some(offset) = parts
-                            .first()
-                            .and_then(|p| redis::from_redis_value_ref::<u64>(p).ok())
-                        {
-                            shared.position.fetch_max(offset, Ordering::AcqRel);
+                    reply => Ok(redis::from_redis_value_ref::<usize>(reply).unwrap_or(0)),
+                })),
+                Err(e) => Self::failed(shared, generation, &e),
+            }
+        } else {
+            for chunk in items.chunks(SCRIPT_ITEMS) {
+                let invocation = script_call(shared, chunk, publish);
+                match connection
+                    .invoke::<Vec<(u64, redis::Value)>>(&invocation)
+                    .await
+                {
+                    Ok(replies) => outcomes.extend(replies.iter().map(|(offset, reply)| {
+                        if *offset == 0 {
+                            let e =
+                                redis::from_redis_value_ref::<String>(reply).unwrap_or_default();
+                            return Err(Self::item_failed(shared, &e));
                         }
-                        Ok(parts
-                            .get(1)
-                            .and_then(|p| redis::from_redis_value_ref::<usize>(p).ok())
-                            .unwrap_or(0))
+                        shared.position.fetch_max(*offset, Ordering::AcqRel);
+                        Ok(redis::from_redis_value_ref::<usize>(reply).unwrap_or(0))
+                    })),
+                    Err(e) => {
+                        Self::failed(shared, generation, &e);
+                        break;
                     }
-                    // A plain publish's receivers.
-                    other => Ok(redis::from_redis_value_ref::<usize>(&other).unwrap_or(0)),
-                })
-                .collect(),
-            Err(e) => {
-                shared.metrics.handles().bus_publish_errors.inc();
-                tracing::warn!(error = %e, "batch write to Redis failed");
-                if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() {
-                    let _ = shared.lost.send(generation);
                 }
-                items.iter().map(|_| Err(BusError::Unavailable)).collect()
+            }
+        }
+        outcomes.resize_with(items.len(), || Err(BusError::Unavailable));
+        outcomes
+    }
+
+    /// A call that failed. Tells the [`super::subscriber::Subscriber`] when
+    /// the connection itself is gone.
+    fn failed(shared: &Shared, generation: u64, e: &redis::RedisError) {
+        shared.metrics.handles().bus_publish_errors.inc();
+        tracing::warn!(error = %e, "write to Redis failed");
+        if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() {
+            let _ = shared.lost.send(generation);
+        }
+    }
+
+    /// One notification whose publish Redis refused.
+    fn item_failed(shared: &Shared, e: &str) -> BusError {
+        shared.metrics.handles().bus_publish_errors.inc();
+        tracing::warn!(error = %e, "a notification's publish failed");
+        BusError::Unavailable
+    }
+}
+
+/// Groups jobs taken from the queue together into calls, in queue order:
+/// their publishes into calls of about [`SCRIPT_ITEMS`] notifications (a
+/// job's items are never split between calls), each write on its own.
+fn calls(jobs: impl IntoIterator<Item = Job>, mut send: impl FnMut(Call)) {
+    let mut publishes = Vec::new();
+    let mut items = 0;
+    for job in jobs {
+        match job {
+            Job::Publish { items: these, done } => {
+                items += these.len();
+                publishes.push((these, done));
+            }
+            Job::Write(command) => send(Call::Write(command)),
+        }
+        if items >= SCRIPT_ITEMS {
+            send(Call::Publish(std::mem::take(&mut publishes)));
+            items = 0;
+        }
+    }
+    if !publishes.is_empty() {
+        send(Call::Publish(publishes));
+    }
+}
+
+/// The publish script's call for `items` (recovery on): see
+/// [`PUBLISH_SCRIPT`] for its keys and arguments.
+fn script_call(
+    shared: &Shared,
+    items: &[&Publish],
+    publish_command: &'static str,
+) -> redis::ScriptInvocation<'static> {
+    let settings = shared.recovery.expect("recovery on");
+    let mut invocation = PUBLISH_SCRIPT.prepare_invoke();
+    invocation
+        .key(Keys(&shared.prefix).sequence())
+        .arg(items.len())
+        .arg(settings.max_missed)
+        .arg(settings.retention.as_millis() as u64)
+        .arg(publish_command)
+        .arg(shared.idempotency_window.as_millis() as u64);
+    let mut records = Vec::new();
+    for item in items {
+        invocation
+            .key(
+                item.stream
+                    .as_deref()
+                    .expect("recovery on: every item has a stream"),
+            )
+            .arg(&item.topic)
+            .arg(&item.payload);
+        match &item.record {
+            Some((key, value)) => {
+                records.push(key);
+                // Its index in KEYS: after the sequence and the streams.
+                invocation.arg(1 + items.len() + records.len()).arg(value);
+            }
+            None => {
+                invocation.arg(0).arg("");
             }
         }
     }
+    for key in records {
+        invocation.key(key);
+    }
+    invocation
 }
 
 /// The node's heartbeat, kept for the retention so recovery can judge a

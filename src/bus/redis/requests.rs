@@ -216,7 +216,7 @@ impl RedisBus {
 
 impl RedisBus {
     /// [`Self::publish_with_receipt`] for notifications published in order
-    /// in one pipeline ([`Self::publish_many`]): each one's outcome, its
+    /// as one job ([`Self::publish_many`]): each one's outcome, its
     /// receipts gathered side by side within one [`ASK_TIMEOUT`].
     pub async fn publish_many_with_receipts(
         &self,
