@@ -31,7 +31,7 @@ const CALLS_IN_FLIGHT: usize = 4096;
 /// The most jobs taken from the queue at once.
 const JOBS_AT_ONCE: usize = 4096;
 /// The most notifications in one call of the publish script: a script
-/// holds Redis for its whole run (about 5 µs per notification), so a large
+/// holds Redis for its whole run (5–8 µs per notification), so a large
 /// batch goes as several calls, one after the other.
 const SCRIPT_ITEMS: usize = 100;
 /// How often the node's heartbeat is written.
