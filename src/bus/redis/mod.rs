@@ -6,9 +6,9 @@
 //!   `PUBLISH`es at once, [`history`]; on a Redis Cluster in the one slot of
 //!   the `{prefix}` hash tag, see [`key_prefix`]), plain `PUBLISH`es (or
 //!   `SPUBLISH` on a Redis Cluster) otherwise, on a shared multiplexed
-//!   connection that pipelines concurrent calls. `/notify` is answered once Redis has executed it, and
-//!   Redis hands messages to each subscriber connection in execution order:
-//!   that is the ordering guarantee.
+//!   connection that pipelines concurrent calls. `/notify` is answered once
+//!   Redis has executed it, and Redis hands messages to each subscriber
+//!   connection in execution order: that is the ordering guarantee.
 //! * **Targeted subscriptions** ([`topics`], [`subscriber`]): a node
 //!   subscribes to `{prefix}:c:{channel}` and `{prefix}:u:{keycloak}` only
 //!   while it holds a local socket in that channel or of that user (the
@@ -206,18 +206,9 @@ impl RedisBus {
     /// Publishes to the notification's topic (and history); how many nodes
     /// received it. Fails fast while not ready.
     pub async fn publish(&self, notification: Notification) -> Result<usize, BusError> {
-        if !self.is_ready() {
-            return Err(BusError::Unavailable);
-        }
-        let (done, outcome) = oneshot::channel();
-        let items = vec![self.item(notification)];
-        if self.jobs.send(Job::Publish { items, done }).await.is_err() {
-            return Err(BusError::Unavailable);
-        }
-        outcome
+        self.publish_many(vec![notification])
             .await
-            .ok()
-            .and_then(|mut outcomes| outcomes.pop())
+            .pop()
             .unwrap_or(Err(BusError::Unavailable))
     }
 
