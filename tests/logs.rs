@@ -1,5 +1,5 @@
 //! Logs: every HTTP request and socket connect carries a request id, and no
-//! secret, API key or token ever appears, even at trace level.
+//! secret, API key, token or session id ever appears, even at trace level.
 
 mod common;
 
@@ -12,6 +12,7 @@ use std::{
 
 use common::{SioClient, claims, sign};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 const UPSTREAM: &str = "log-test-upstream-secret-9f8e7d6c5b4a";
 const WS: &str = "log-test-ws-token-secret-1a2b3c4d5e6f";
@@ -19,7 +20,7 @@ const KEY: &str = "log-test-api-key-7q8w9e";
 const OLD_KEY: &str = "log-test-old-key-5r6t7y";
 
 #[tokio::test]
-async fn a_full_scenario_at_trace_level_logs_no_secret_and_ids_every_request() {
+async fn a_full_scenario_at_trace_level_logs_no_secret_nor_session_id_and_ids_every_request() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_channels"))
         .arg("serve")
         .env_clear()
@@ -191,6 +192,25 @@ async fn a_full_scenario_at_trace_level_logs_no_secret_and_ids_every_request() {
             "a token signature appears in the log"
         );
     }
+    // A polling client's session id is its credential: whoever holds it can
+    // read and write the session. Logs name a socket by a digest of it.
+    if let Some(line) = log.lines().find(|l| l.contains(&sid)) {
+        panic!(
+            "a session id appears in the log: {}",
+            line.replace(&sid, "<SID>")
+        );
+    }
+    // ...by the first 12 hex digits of its SHA-256, so its lines can still
+    // be followed.
+    let tag: String = Sha256::digest(sid.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("socket accepted") && l.contains(&format!(r#""socket":"{tag}""#))),
+        "no `socket accepted` line names the polling socket by its digest"
+    );
     for event in ["socket accepted", "socket refused", "notify refused"] {
         let line = log
             .lines()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use socketioxide::extract::{SocketRef, State, TryData};
 
-use super::{Gateway, Recipient, replay::Gate, take_over};
+use super::{Gateway, Recipient, SocketTag, replay::Gate, take_over};
 use crate::{
     auth::WsTokens,
     bus::history::Recovering,
@@ -126,7 +126,7 @@ pub(super) async fn authenticate(
         .to_string();
     let refuse = |refusal: ConnectRefusal| {
         gateway.metrics.connect(refusal.outcome());
-        tracing::info!(sid = %socket.id, request_id, reason = %refusal, "socket refused");
+        tracing::info!(socket = %SocketTag(socket.id), request_id, reason = %refusal, "socket refused");
         refusal
     };
     let credentials = check_auth(&gateway.ws_tokens, auth.ok()).map_err(refuse)?;
@@ -212,7 +212,7 @@ pub(super) async fn authenticate(
         }
     }
     gateway.metrics.connect(ConnectOutcome::Accepted);
-    tracing::info!(sid = %socket.id, request_id, channel = %member.channel, transport = ?socket.transport_type(), "socket accepted");
+    tracing::info!(socket = %SocketTag(socket.id), request_id, channel = %member.channel, transport = ?socket.transport_type(), "socket accepted");
     // The handler keeps only the registration: the gateway comes from the
     // state when it runs, so an open socket does not hold a copy of it.
     let on_leave = member.clone();

@@ -19,7 +19,7 @@ use dashmap::DashSet;
 use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
 use tokio_util::task::TaskTracker;
 
-use super::{Closing, Recipient, SocketRegistry};
+use super::{Closing, Recipient, SocketRegistry, SocketTag};
 use crate::{
     auth::WsTokens,
     bus::Deliver,
@@ -171,13 +171,15 @@ impl Deliver for Delivery {
                 Err(SocketError::InternalChannelFull) => {
                     if self.evicting.insert(socket.id) {
                         handles.slow_client_disconnects.inc();
-                        tracing::info!(sid = %socket.id, "slow client: send queue full, closing its connection");
+                        tracing::info!(socket = %SocketTag(socket.id), "slow client: send queue full, closing its connection");
                         self.tasks.spawn(close_slow(socket, self.evicting.clone()));
                     }
                 }
                 // Closed: the socket is on its way out and its disconnect
                 // handler unregisters it; nothing was promised to it.
-                Err(e) => tracing::debug!(sid = %socket.id, error = %e, "socket skipped"),
+                Err(e) => {
+                    tracing::debug!(socket = %SocketTag(socket.id), error = %e, "socket skipped")
+                }
             }
         }
         handles.deliveries.inc_by(delivered);

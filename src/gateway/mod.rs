@@ -7,13 +7,14 @@ mod connect;
 mod delivery;
 mod replay;
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use socketioxide::{
     SocketIo, extract::SocketRef, handler::ConnectHandler, service::SocketIoService,
 };
 
 use dashmap::DashMap;
+use sha2::{Digest, Sha256};
 use socketioxide::socket::Sid;
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +31,20 @@ use crate::{
 pub use connect::{ConnectRefusal, Credentials, Returning, check_auth};
 pub use delivery::Delivery;
 use replay::Gate;
+
+/// How a log line names a socket. Its session id is a credential: whoever
+/// holds a long-polling client's can read that session and post into it.
+/// So the logs carry the first 12 hex digits of its SHA-256 instead, enough
+/// to follow one socket from line to line and of no use to a reader of the
+/// logs. The digest is computed only when a line is written.
+pub struct SocketTag(pub Sid);
+
+impl fmt::Display for SocketTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digest = Sha256::digest(self.0.as_str().as_bytes());
+        digest[..6].iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
 
 /// The sockets of this node, by channel and user.
 pub type SocketRegistry = Registry<Recipient>;
@@ -70,7 +85,7 @@ fn take_over(
     let mut found = false;
     for old in sockets {
         if old.session == session as u64 && Some(old.socket.id) != except {
-            tracing::debug!(sid = %old.socket.id, "a returning session takes over its previous socket");
+            tracing::debug!(socket = %SocketTag(old.socket.id), "a returning session takes over its previous socket");
             let _ = old.socket.disconnect();
             found = true;
         }

@@ -24,6 +24,7 @@ use std::{
 
 use socketioxide::{SocketError, extract::SocketRef, socket::EncodedEvent};
 
+use super::SocketTag;
 use crate::{bus::history::Missed, recovery::Offset};
 
 /// How long a replay waits before it tries a full send queue again (until
@@ -193,7 +194,7 @@ impl Gate {
                 }
             }
         }
-        tracing::info!(sid = %socket.id, "slow client: too much held during its replay, closing its connection");
+        tracing::info!(socket = %SocketTag(socket.id), "slow client: too much held during its replay, closing its connection");
         socket.close_underlying_transport().await;
     }
 }
