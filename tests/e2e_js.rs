@@ -3,7 +3,8 @@
 //!
 //! Installs what the suite needs first: its locked npm dependencies when
 //! they are missing or older than `package-lock.json`, and the Debian
-//! packages of the cluster test (redis-server, haproxy) when missing.
+//! packages of the cluster tests (redis-server, haproxy) and of the browser
+//! test (chromium) when missing.
 
 mod common;
 
@@ -16,6 +17,7 @@ fn official_socket_io_client_suite() {
     require("redis-server", "redis-server");
     require("redis-cli", "redis-tools");
     require("haproxy", "haproxy");
+    require("chromium", "chromium");
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
     let installed = suite.join("node_modules/.package-lock.json");
     let lock = suite.join("package-lock.json");

@@ -1,7 +1,7 @@
 //! External programs the tests drive (redis-server, redis-cli, haproxy,
-//! promtool, kubernetes-validate): present on the machine, or installed on
-//! first use from Debian's packages or PyPI, so `cargo test` alone works on a
-//! fresh machine (as root, like CI).
+//! chromium, promtool, kubernetes-validate): present on the machine, or
+//! installed on first use from Debian's packages or PyPI, so `cargo test`
+//! alone works on a fresh machine (as root, like CI).
 
 use std::{process::Command, sync::Mutex};
 

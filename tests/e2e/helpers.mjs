@@ -169,7 +169,13 @@ async function spawnReady(cmd, args, env, ready, what) {
 async function stopChild(child, signal) {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise((resolve) => child.once("exit", resolve));
-  const within = (ms) => Promise.race([exited.then(() => true), new Promise((resolve) => setTimeout(() => resolve(false), ms))]);
+  // The timer is cleared once the child exits: left running, it would keep
+  // the test file's process alive for its whole 10 s.
+  const within = (ms) => {
+    let timer;
+    const late = new Promise((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+    return Promise.race([exited.then(() => true), late]).finally(() => clearTimeout(timer));
+  };
   child.kill(signal);
   if (await within(10_000)) return;
   child.kill("SIGKILL");
