@@ -3,6 +3,7 @@
 // return, exactly once, in order, before anything newer; what cannot be
 // recovered gives `recovered === false` and nothing stale.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { after, before, describe, test } from "node:test";
 import { io } from "socket.io-client";
 import { notify, startNode, startProxy, startRedis, startRedisCluster, startRedisSentinel, wsToken } from "./helpers.mjs";
@@ -363,6 +364,47 @@ test("Redis down at reconnect: a fresh session, which works once Redis is back",
   } finally {
     await proxy.close();
     await node.stop();
+  }
+});
+
+test("Redis evicted keys while a socket was away: a fresh session, nothing stale, new ones arrive", async () => {
+  const redis = await startRedis();
+  const node = await readyNode(redis);
+  const proxy = await startProxy(node);
+  const cli = (...args) => execFileSync("redis-cli", ["-p", String(redis.port), ...args]).toString().trim();
+  try {
+    const mia = await frontend(proxy, node, "mia", "admin", ["websocket"]);
+    await post(node, { msg: "before", keycloak: "mia" });
+    await exactly(mia, ["before"]);
+    await drop(proxy, [mia]);
+    await post(node, { msg: "missed", keycloak: "mia" });
+    // Memory pressure under an eviction policy: Redis evicts keys of its
+    // choosing, perhaps mia's history, perhaps only the filler.
+    cli("CONFIG", "SET", "maxmemory-policy", "allkeys-random");
+    cli("EVAL", "for i = 1, 500 do redis.call('SET', 'filler:' .. i, string.rep('x', 10000)) end", "0");
+    const used = Number(cli("INFO", "memory").match(/used_memory:(\d+)/)[1]);
+    cli("CONFIG", "SET", "maxmemory", String(used - 1_000_000));
+    assert.ok(Number(cli("INFO", "stats").match(/evicted_keys:(\d+)/)[1]) > 0, "Redis evicted keys");
+    cli("CONFIG", "SET", "maxmemory", "0");
+    await back(proxy, [mia], 2);
+    assert.deepEqual(mia.recoveries, [false, false], "recovered, though the history may have lost entries");
+    const metrics = await (await fetch(`${node.url}/metrics`)).text();
+    // As `trimmed` (the epoch moved past it), or `no_record` when the
+    // session's own record was among the evicted keys.
+    assert.match(metrics, /recoveries_total\{outcome="recovered"\} 0\n/);
+    await post(node, { msg: "after", keycloak: "mia" });
+    await exactly(mia, ["before", "after"]);
+    // The history holds again from here: the next drop recovers.
+    await drop(proxy, [mia]);
+    await post(node, { msg: "later", keycloak: "mia" });
+    await back(proxy, [mia], 3);
+    assert.deepEqual(mia.recoveries, [false, false, true]);
+    await exactly(mia, ["before", "after", "later"]);
+    mia.close();
+  } finally {
+    await proxy.close();
+    await node.stop();
+    await redis.stop();
   }
 });
 

@@ -35,6 +35,14 @@
 //!   in ms × 1000, as a new sequence starts) and the epoch starts there;
 //!   an offset from before the epoch is not recovered: the socket gets a
 //!   fresh session (`recovered` false), never a partial replay.
+//! * **Evictions** `{prefix}:evicted`: Redis's count of evicted keys
+//!   (`INFO stats`) when the epoch began. A Redis with `maxmemory` and an
+//!   eviction policy may drop any key, a stream among them, and a stream
+//!   that is gone reads as one that held nothing: a socket would be told it
+//!   recovered, without what it missed. So when the count has moved (or
+//!   the record is gone while the count is not zero), [`RECOVER_SCRIPT`]
+//!   begins a new epoch at the next offset and records the count: every
+//!   session from before is not recovered.
 //! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat,
 //!   the epoch and both of its streams after the offset in one round trip.
 //!
@@ -94,9 +102,10 @@ return out
 });
 
 /// See the module documentation. KEYS: the recorded replication id, the
-/// sequence, the epoch. ARGV: the replication id of the Redis connected
-/// to, or `""` not to check it (a Redis Cluster). Returns 1 when a new
-/// epoch began (else 0), and the sequence's current value.
+/// sequence, the epoch, the evictions record. ARGV: the replication id of
+/// the Redis connected to, or `""` not to check it (a Redis Cluster).
+/// Returns 1 when a new epoch began (else 0), and the sequence's current
+/// value.
 pub static EPOCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -111,6 +120,7 @@ if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   redis.call('SET', KEYS[2], text)
   redis.call('SET', KEYS[3], text)
   redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[4], (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''))
   began = 1
 end
 return { began, redis.call('GET', KEYS[2]) or '0' }
@@ -119,13 +129,31 @@ return { began, redis.call('GET', KEYS[2]) or '0' }
 });
 
 /// KEYS: session record, origin heartbeat, epoch, channel stream, user
-/// stream. ARGV: the offset after which to read, the most entries per
-/// stream. Returns the record, the heartbeat, the epoch, then per stream
-/// its entries ever added, its length, its first id and its entries after
-/// the offset.
+/// stream, the sequence, the evictions record. ARGV: the offset after
+/// which to read, the most entries per stream. First begins a new epoch if
+/// Redis evicted keys since the last one (see the module documentation).
+/// Returns the record, the heartbeat, the epoch, then per stream its
+/// entries ever added, its length, its first id and its entries after the
+/// offset.
 pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local evicted = (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
+local recorded = redis.call('GET', KEYS[7])
+if recorded ~= evicted then
+  if recorded or evicted ~= '0' then
+    local seq = redis.call('GET', KEYS[6])
+    local base
+    if seq then
+      base = tonumber(seq) + 1
+    else
+      local now = redis.call('TIME')
+      base = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1000
+    end
+    redis.call('SET', KEYS[3], string.format('%.0f', base))
+  end
+  redis.call('SET', KEYS[7], evicted)
+end
 local out = { redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3]) }
 for i = 4, 5 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
@@ -172,6 +200,9 @@ impl Keys<'_> {
     }
     pub fn master(&self) -> String {
         format!("{}:master", self.0)
+    }
+    pub fn evicted(&self) -> String {
+        format!("{}:evicted", self.0)
     }
     pub fn heartbeat(&self, node: NodeId) -> String {
         format!("{}:n:{:016x}", self.0, node.0)

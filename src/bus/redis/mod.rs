@@ -399,6 +399,8 @@ impl RedisBus {
             .key(keys.epoch())
             .key(keys.stream(&channel_stream))
             .key(keys.stream(&user_stream))
+            .key(keys.sequence())
+            .key(keys.evicted())
             .arg(recovering.after)
             .arg(settings.max_missed + 1);
         let reply = connection

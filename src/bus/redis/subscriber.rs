@@ -313,6 +313,7 @@ async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::Red
         .key(keys.master())
         .key(keys.sequence())
         .key(keys.epoch())
+        .key(keys.evicted())
         .arg(replication_id);
     let (began, sequence): (i64, String) = connection.invoke(&invocation).await?;
     if began == 1 {
