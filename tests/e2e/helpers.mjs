@@ -350,19 +350,25 @@ export async function startHaproxy(nodes) {
 /**
  * A TCP proxy on loopback that plays the load balancer: `cut()` drops every
  * connection, `pause()` refuses new ones until `resume()`, `to(node)` sends
- * new connections to another node.
+ * new connections to another node, and `blackhole()` makes every open
+ * connection silently carry nothing more either way, with no FIN or RST
+ * (a phone that changed networks, a laptop closed), while new connections
+ * pass.
  */
 export async function startProxy(node) {
   const net = await import("node:net");
   let target = new URL(node.url);
   let paused = false;
   const open = new Set();
+  // The connections still carrying bytes.
+  const pairs = new Set();
   const server = net.createServer((client) => {
     if (paused) return client.destroy();
     const upstream = net.connect(Number(target.port), target.hostname);
     const pair = [client, upstream];
     pair.forEach((s) => open.add(s));
-    const close = () => pair.forEach((s) => (s.destroy(), open.delete(s)));
+    pairs.add(pair);
+    const close = () => (pair.forEach((s) => (s.destroy(), open.delete(s))), pairs.delete(pair));
     client.pipe(upstream);
     upstream.pipe(client);
     for (const s of pair) {
@@ -377,6 +383,16 @@ export async function startProxy(node) {
     pause: () => (paused = true),
     resume: () => (paused = false),
     to: (next) => (target = new URL(next.url)),
+    blackhole: () => {
+      for (const [client, upstream] of pairs) {
+        client.unpipe(upstream);
+        upstream.unpipe(client);
+        // Read and drop: what the node writes is acknowledged and lost.
+        client.on("data", () => {});
+        upstream.on("data", () => {});
+      }
+      pairs.clear();
+    },
     close: () => new Promise((resolve) => (server.close(resolve), [...open].forEach((s) => s.destroy()))),
   };
 }

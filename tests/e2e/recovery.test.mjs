@@ -165,6 +165,44 @@ for (const [kind, startBus] of buses) for (const transports of [["websocket"], [
   });
 }
 
+// The connection dies without a FIN: the node writes into it until the
+// heartbeat gives up, and the client, missing its pings, reconnects with
+// the last offset it really received.
+for (const [kind, startBus] of buses) describe(`one node, ${kind}, a silent network loss`, () => {
+  let bus;
+  let node;
+  let proxy;
+  before(async () => {
+    bus = await startBus();
+    node = await readyNode(bus, { CHANNELS_PING_INTERVAL: "1", CHANNELS_PING_TIMEOUT: "1" });
+    proxy = await startProxy(node);
+  });
+  after(async () => {
+    await proxy?.close();
+    await node?.stop();
+    await bus?.stop();
+  });
+
+  for (const transports of [["websocket"], ["polling"]]) {
+    test(`what the node wrote into a dead connection arrives on return, ${transports[0]}`, async () => {
+      const user = `nina-${transports[0]}`;
+      const nina = await frontend(proxy, node, user, "admin", transports);
+      await post(node, { msg: 1, keycloak: user });
+      await exactly(nina, [1]);
+      proxy.blackhole();
+      await post(node, { msg: 2, keycloak: user });
+      await post(node, { msg: 3, keycloak: user, channel: "admin" });
+      await post(node, { msg: 4, channel: "admin" });
+      assert.ok(nina.connected, "the client has not noticed yet");
+      await waitFor(() => nina.recoveries.length >= 2, 15_000, "the client's return");
+      assert.deepEqual(nina.recoveries, [false, true]);
+      await post(node, { msg: 5, keycloak: user });
+      await exactly(nina, [1, 2, 3, 4, 5]);
+      nina.close();
+    });
+  }
+});
+
 for (const [kind, startBus] of buses) describe(`one node, ${kind}, limits`, () => {
   let bus;
   before(async () => {
