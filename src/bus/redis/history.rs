@@ -41,8 +41,9 @@
 //!   that is gone reads as one that held nothing: a socket would be told it
 //!   recovered, without what it missed. So when the count has moved (or
 //!   the record is gone while the count is not zero), [`RECOVER_SCRIPT`]
-//!   begins a new epoch at the next offset and records the count: every
-//!   session from before is not recovered.
+//!   begins a new epoch at the next offset and records the count: no
+//!   session from before that read is recovered (the eviction happened
+//!   at some point before it; Redis does not say when, nor what it took).
 //! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat,
 //!   the epoch and both of its streams after the offset in one round trip.
 //!
