@@ -377,6 +377,40 @@ for (const [kind, startBus] of [
     await exactly(kate, ["first", "missed 1", "missed 2"]);
     kate.close();
   });
+
+  // A frozen node (a stalled VM; SIGSTOP here) writes nothing, not even its
+  // heartbeat: its clients miss their pings and come back elsewhere, and
+  // its heartbeat, once old enough, tells when their sessions ended. When
+  // it thaws, it closes what it held and changes nothing for them.
+  test("a session recovers after its node froze, and the thaw changes nothing", async () => {
+    const victim = await readyNode(redis, { CHANNELS_PING_INTERVAL: "1", CHANNELS_PING_TIMEOUT: "1" });
+    proxy.to(victim);
+    const liam = await frontend(proxy, nodes[0], "liam", "admin", ["websocket"]);
+    await post(nodes[0], { msg: "first", keycloak: "liam" });
+    await exactly(liam, ["first"]);
+    proxy.to(nodes[1]);
+    victim.child.kill("SIGSTOP");
+    try {
+      await post(nodes[0], { msg: "missed 1", keycloak: "liam" });
+      await post(nodes[1], { msg: "missed 2", channel: "admin" });
+      await waitFor(() => liam.recoveries.length >= 2, 15_000, "the client's return");
+      assert.deepEqual(liam.recoveries, [false, true]);
+      await exactly(liam, ["first", "missed 1", "missed 2"]);
+    } finally {
+      victim.child.kill("SIGCONT");
+    }
+    await waitFor(async () => (await fetch(`${victim.url}/healthz`)).status === 200, 5000, "the thaw");
+    await sleep(1500);
+    await post(victim, { msg: "after the thaw", keycloak: "liam" });
+    await exactly(liam, ["first", "missed 1", "missed 2", "after the thaw"]);
+    await drop(proxy, [liam]);
+    await post(nodes[0], { msg: "again", keycloak: "liam" });
+    await back(proxy, [liam], 3);
+    assert.deepEqual(liam.recoveries, [false, true, true]);
+    await exactly(liam, ["first", "missed 1", "missed 2", "after the thaw", "again"]);
+    liam.close();
+    await victim.stop();
+  });
 });
 
 test("Redis down at reconnect: a fresh session, which works once Redis is back", async () => {
