@@ -37,7 +37,7 @@ use replay::Gate;
 /// So the logs carry the first 12 hex digits of its SHA-256 instead, enough
 /// to follow one socket from line to line and of no use to a reader of the
 /// logs. The digest is computed only when a line is written.
-pub struct SocketTag(pub Sid);
+struct SocketTag(Sid);
 
 impl fmt::Display for SocketTag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
