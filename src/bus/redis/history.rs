@@ -59,6 +59,15 @@ use crate::{
     recovery::{Ended, NodeId, Offset, Origin, Session},
 };
 
+/// Lua, put before the scripts that start a sequence or an epoch:
+/// `clock_base()` is Redis's clock in ms × 1000, where a new sequence starts.
+const CLOCK_BASE: &str = r"
+local function clock_base()
+  local now = redis.call('TIME')
+  return (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1000
+end
+";
+
 /// See the module documentation. KEYS: the sequence, each item's stream,
 /// then the `Idempotency-Key` records of the items that have one. ARGV:
 /// the number of items, max entries per stream, retention in ms, the
@@ -70,14 +79,12 @@ use crate::{
 /// failed: an item's failure fails only that item, as separate calls would.
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"
+        &[CLOCK_BASE, r"
 local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
 local n = tonumber(ARGV[1])
 local last = redis.call('INCRBY', KEYS[1], n)
 if last == n then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  last = ms * 1000 + n
+  last = clock_base() + n
   redis.call('SET', KEYS[1], string.format('%.0f', last))
 end
 local out = {}
@@ -98,7 +105,7 @@ for i = 1, n do
   if failed(reply) then out[i] = {0, reply.err} else out[i] = {seq, reply} end
 end
 return out
-",
+"].concat(),
     )
 });
 
@@ -109,12 +116,10 @@ return out
 /// value.
 pub static EPOCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"
+        &[CLOCK_BASE, r"
 local began = 0
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local base = ms * 1000
+  local base = clock_base()
   local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
   if seq >= base then base = seq + 1 end
   local text = string.format('%.0f', base)
@@ -125,7 +130,7 @@ if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   began = 1
 end
 return { began, redis.call('GET', KEYS[2]) or '0' }
-",
+"].concat(),
     )
 });
 
@@ -138,7 +143,9 @@ return { began, redis.call('GET', KEYS[2]) or '0' }
 /// offset.
 pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"
+        &[
+            CLOCK_BASE,
+            r"
 local evicted = (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
 local recorded = redis.call('GET', KEYS[7])
 if recorded ~= evicted then
@@ -148,8 +155,7 @@ if recorded ~= evicted then
     if seq then
       base = tonumber(seq) + 1
     else
-      local now = redis.call('TIME')
-      base = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1000
+      base = clock_base()
     end
     redis.call('SET', KEYS[3], string.format('%.0f', base))
   end
@@ -174,6 +180,8 @@ for i = 4, 5 do
 end
 return out
 ",
+        ]
+        .concat(),
     )
 });
 
