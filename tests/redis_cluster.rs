@@ -85,6 +85,20 @@ async fn with_recovery_every_key_and_topic_shares_one_slot() {
         "{keys:?}"
     );
     assert_eq!(cluster.masters_holding(&keys).len(), 1);
+
+    // Bob leaves: his topic is unsubscribed after the delay, and Redis's
+    // confirmation is not taken for a subscription it ended on its own
+    // (which reconnects the bus).
+    let Sockets { bob_admin, .. } = sockets;
+    bob_admin.drop_connection().await;
+    let gone = eventually(Duration::from_secs(10), async || {
+        cluster.shard_numsub("{channels}:u:bob") == 0
+    })
+    .await;
+    assert!(gone, "still subscribed after the last socket left");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(b.metric("channels_bus_reconnects_total").await, 0.0);
+    assert!(node_ready(&b).await);
 }
 
 /// Alice in admin on one node and in b2b on the other, Bob in admin.

@@ -280,9 +280,12 @@ export async function startRedisSentinel() {
 
 /**
  * A Redis Cluster of three masters on free ports, built with
- * `redis-cli --cluster create`; `env` is what a node needs to use it.
+ * `redis-cli --cluster create`; with `replicas`, each master has that many
+ * replicas (a failover then promotes one). `env` is what a node needs to
+ * use it; `cli`, `master(key)`, `replicaOf(port)` and `signal(port, sig)`
+ * let a test find and fail the servers.
  */
-export async function startRedisCluster() {
+export async function startRedisCluster({ replicas = 0 } = {}) {
   const { execFileSync } = await import("node:child_process");
   const { mkdtempSync, rmSync } = await import("node:fs");
   const { tmpdir } = await import("node:os");
@@ -296,29 +299,64 @@ export async function startRedisCluster() {
     }
   };
   const ports = [];
-  while (ports.length < 3) {
+  while (ports.length < 3 * (1 + replicas)) {
     const port = await freePort();
     // The cluster bus listens on port + 10000.
     if (port < 55_000 && !ports.includes(port)) ports.push(port);
   }
-  const masters = [];
+  const servers = new Map();
   for (const port of ports) {
     const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
     args.push("--cluster-enabled", "yes", "--cluster-node-timeout", "2000");
-    args.push("--cluster-config-file", join(dir, `nodes-${port}.conf`));
-    masters.push(await spawnReady("redis-server", args, {}, async () => cli(port, "PING").trim() === "PONG", "redis-server"));
+    args.push("--cluster-config-file", join(dir, `nodes-${port}.conf`), "--dir", dir);
+    servers.set(port, await spawnReady("redis-server", args, {}, async () => cli(port, "PING").trim() === "PONG", "redis-server"));
   }
-  execFileSync("redis-cli", ["--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`), "--cluster-replicas", "0", "--cluster-yes"], { stdio: "ignore" });
+  execFileSync("redis-cli", ["--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`), "--cluster-replicas", String(replicas), "--cluster-yes"], { stdio: "ignore" });
+  /** `CLUSTER NODES` as seen from `port`: id, port, flags, master id, slots. */
+  const nodes = (port) =>
+    cli(port, "CLUSTER", "NODES").trim().split("\n").filter(Boolean).map((line) => {
+      const [id, address, flags, master, , , , , ...slots] = line.split(" ");
+      return { id, port: Number(address.split(":")[1].split("@")[0]), flags: flags.split(","), master, slots };
+    });
+  const synced = (port) => {
+    const info = cli(port, "INFO", "replication");
+    return info.includes("role:master") || info.includes("master_link_status:up");
+  };
   const deadline = Date.now() + 20_000;
-  while (!ports.every((port) => cli(port, "CLUSTER", "INFO").includes("cluster_state:ok"))) {
+  while (!ports.every((port) => cli(port, "CLUSTER", "INFO").includes("cluster_state:ok") && synced(port))) {
     if (Date.now() > deadline) throw new Error("the Redis Cluster did not reach state ok");
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   const urls = ports.map((port) => `redis://127.0.0.1:${port}`).join(",");
+  const alive = () => ports.find((port) => servers.get(port).child.exitCode === null && cli(port, "PING").trim() === "PONG");
   return {
     env: { CHANNELS_REDIS_URL: urls, CHANNELS_REDIS_CLUSTER: "true" },
+    cli,
+    /** The port of the master that serves `key`'s slot now. */
+    master(key) {
+      const slot = Number(cli(alive(), "CLUSTER", "KEYSLOT", key));
+      const owner = nodes(alive()).find((node) =>
+        node.flags.includes("master") && !node.flags.includes("fail") &&
+        node.slots.some((range) => {
+          const [from, to = from] = range.split("-").map(Number);
+          return from <= slot && slot <= to;
+        }));
+      return owner.port;
+    },
+    /** The port of a replica of the master on `port`. */
+    replicaOf(port) {
+      const all = nodes(alive());
+      const master = all.find((node) => node.port === port);
+      return all.find((node) => node.master === master.id).port;
+    },
+    signal(port, signal) {
+      servers.get(port).child.kill(signal);
+    },
     async stop() {
-      for (const master of masters) await master.stop();
+      for (const server of servers.values()) {
+        server.child.kill("SIGCONT");
+        await server.stop();
+      }
       rmSync(dir, { recursive: true, force: true });
     },
   };

@@ -30,7 +30,8 @@
 //!   it hands out next could repeat offsets that clients already hold, and
 //!   a history read could miss what was lost. So when a node connects to a
 //!   Redis whose replication id is not the recorded one ([`EPOCH_SCRIPT`]:
-//!   a promoted replica, or a Redis restarted without its data), the
+//!   a promoted replica, or a Redis restarted without its data; on a Redis
+//!   Cluster, the master of the keys' slot), the
 //!   sequence jumps past every offset handed out before (to Redis's clock
 //!   in ms × 1000, as a new sequence starts) and the epoch starts there;
 //!   an offset from before the epoch is not recovered: the socket gets a
@@ -110,22 +111,23 @@ return out
 });
 
 /// See the module documentation. KEYS: the recorded replication id, the
-/// sequence, the epoch, the evictions record. ARGV: the replication id of
-/// the Redis connected to, or `""` not to check it (a Redis Cluster).
-/// Returns 1 when a new epoch began (else 0), and the sequence's current
-/// value.
+/// sequence, the epoch, the evictions record. The replication id is read
+/// here, on the Redis that holds the keys: on a Redis Cluster, the master
+/// of their slot. Returns 1 when a new epoch began (else 0), and the
+/// sequence's current value.
 pub static EPOCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[CLOCK_BASE, r"
 local began = 0
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local id = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+if redis.call('GET', KEYS[1]) ~= id then
   local base = clock_base()
   local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
   if seq >= base then base = seq + 1 end
   local text = string.format('%.0f', base)
   redis.call('SET', KEYS[2], text)
   redis.call('SET', KEYS[3], text)
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[1], id)
   redis.call('SET', KEYS[4], (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''))
   began = 1
 end

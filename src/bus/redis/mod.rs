@@ -102,8 +102,8 @@ struct Shared {
     /// The highest offset this node has seen published or received: where
     /// a new session starts.
     position: AtomicU64,
-    /// Lost connections, by generation, for the [`Subscriber`].
-    lost: mpsc::UnboundedSender<u64>,
+    /// Lost connections and subscriptions, for the [`Subscriber`].
+    lost: mpsc::UnboundedSender<subscriber::Lost>,
     /// This node's requests waiting for answers, by id ([`requests`]).
     asking: dashmap::DashMap<u64, mpsc::UnboundedSender<bytes::Bytes>>,
     next_request: AtomicU64,

@@ -22,6 +22,7 @@ use super::{
     Shared,
     connection::Connection,
     history::{Keys, PUBLISH_SCRIPT, heartbeat_value},
+    subscriber::Lost,
 };
 use crate::{bus::BusError, recovery};
 
@@ -204,7 +205,7 @@ impl Publisher {
         shared.metrics.handles().bus_publish_errors.inc();
         tracing::warn!(error = %e, "write to Redis failed");
         if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() {
-            let _ = shared.lost.send(generation);
+            let _ = shared.lost.send(Lost::Connection(generation));
         }
     }
 

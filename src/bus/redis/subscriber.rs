@@ -1,8 +1,8 @@
 //! The [`Subscriber`] task: it owns the subscription connection and the
 //! topic table, serialises every SUBSCRIBE/UNSUBSCRIBE (so they reach Redis
 //! in the order they were decided), notices a lost connection (a push of
-//! kind `Disconnection`, or a failed write reported by the publisher),
-//! reconnects with capped exponential backoff and jitter, resubscribes
+//! kind `Disconnection`, or a failed write reported by the publisher) or a
+//! subscription that Redis ended on its own (see [`Lost`]), reconnects with capped exponential backoff and jitter, resubscribes
 //! every topic its sockets need, and only then reports ready again. While
 //! Redis is away, sockets stay connected and `/notify` answers 503; the
 //! topic table stays bounded by the local sockets.
@@ -45,6 +45,22 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Topics per SUBSCRIBE command when resubscribing everything.
 const SUBSCRIBE_CHUNK: usize = 512;
 
+/// What the connections report to the [`Subscriber`], with the generation
+/// of the connection they concern.
+pub enum Lost {
+    /// The connection is gone: its push `Disconnection`, or a failed write.
+    Connection(u64),
+    /// Redis reported a topic unsubscribed: the confirmation of one of ours,
+    /// or one it made on its own. A Redis Cluster node that stops serving a
+    /// slot (its master demoted by a failover, the slot migrated) ends the
+    /// sharded subscriptions of that slot, and neither the node nor the
+    /// redis crate's cluster client would subscribe again: every socket of
+    /// those topics would miss all that follows, and no error would show.
+    /// So it counts as a lost connection: the node reconnects, subscribes
+    /// on the slot's new master, and checks the history's epoch there.
+    Subscription { generation: u64, topic: Vec<u8> },
+}
+
 /// What the gateway asks of the [`Subscriber`].
 pub enum Request {
     /// A socket arrived: make sure its topics are subscribed, then answer.
@@ -74,7 +90,7 @@ impl Subscriber {
     pub async fn run(
         mut self,
         mut requests: mpsc::UnboundedReceiver<Request>,
-        mut lost: mpsc::UnboundedReceiver<u64>,
+        mut lost: mpsc::UnboundedReceiver<Lost>,
         stop: CancellationToken,
     ) {
         let mut sweep = tokio::time::interval(UNSUBSCRIBE_DELAY / 2);
@@ -92,11 +108,7 @@ impl Subscriber {
                     }
                     self.handle(batch).await;
                 }
-                Some(generation) = lost.recv() => {
-                    if generation == self.shared.generation.load(Ordering::Acquire) && self.connection.is_some() {
-                        self.down("connection to Redis lost");
-                    }
-                }
+                Some(lost) = lost.recv() => self.lost(lost),
                 _ = tokio::time::sleep_until(self.next_attempt), if self.connection.is_none() => {
                     self.reconnect().await;
                 }
@@ -143,6 +155,25 @@ impl Subscriber {
             self.down(&format!("UNSUBSCRIBE failed: {e}"));
         }
         self.report_subscriptions();
+    }
+
+    /// A loss of the current connection takes the bus down; one reported
+    /// for an older connection is past.
+    fn lost(&mut self, lost: Lost) {
+        let current = self.shared.generation.load(Ordering::Acquire);
+        match lost {
+            Lost::Connection(generation) if generation == current && self.connection.is_some() => {
+                self.down("connection to Redis lost");
+            }
+            Lost::Subscription { generation, topic }
+                if generation == current
+                    && self.connection.is_some()
+                    && !self.topics.unsubscribed(&topic) =>
+            {
+                self.down("Redis ended a subscription (a failover or a slot migration)");
+            }
+            _ => {}
+        }
     }
 
     /// Marks the bus down and schedules a reconnection.
@@ -270,8 +301,14 @@ impl Subscriber {
                     }
                     _ => tracing::warn!("bus message of unexpected shape dropped"),
                 },
+                PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                    if let Some(Value::BulkString(topic)) = push.data.first() {
+                        let topic = topic.clone();
+                        let _ = shared.lost.send(Lost::Subscription { generation, topic });
+                    }
+                }
                 PushKind::Disconnection => {
-                    let _ = shared.lost.send(generation);
+                    let _ = shared.lost.send(Lost::Connection(generation));
                 }
                 _ => {}
             }
@@ -292,29 +329,15 @@ impl Subscriber {
 /// is not the one it was written on (`history`, "The history's epoch"),
 /// and moves this node's position to the sequence's current value, so a
 /// session that begins before the node has seen a notification starts
-/// there, not before everything in the history. On a Redis Cluster, which
-/// has a replication id per shard, the position only.
+/// there, not before everything in the history.
 async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::RedisResult<()> {
-    let replication_id = match connection {
-        Connection::Single(_) => {
-            let info: String = connection
-                .query(redis::cmd("INFO").arg("replication"))
-                .await?;
-            info.lines()
-                .find_map(|line| line.strip_prefix("master_replid:"))
-                .map(|id| id.trim().to_string())
-                .unwrap_or_default()
-        }
-        Connection::Cluster(_) => String::new(),
-    };
     let keys = Keys(&shared.prefix);
     let mut invocation = EPOCH_SCRIPT.prepare_invoke();
     invocation
         .key(keys.master())
         .key(keys.sequence())
         .key(keys.epoch())
-        .key(keys.evicted())
-        .arg(replication_id);
+        .key(keys.evicted());
     let (began, sequence): (i64, String) = connection.invoke(&invocation).await?;
     if began == 1 {
         tracing::info!(

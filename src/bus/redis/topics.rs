@@ -5,6 +5,13 @@
 //! A topic is counted by the local sockets that need it. One whose last
 //! socket left stays for [`UNSUBSCRIBE_DELAY`] before it is unsubscribed, so
 //! a reconnecting client does not cause an unsubscribe/subscribe pair.
+//!
+//! The table also counts the unsubscribes it asked for and Redis has not
+//! confirmed yet, so it can tell a confirmation from an unsubscribe Redis
+//! made on its own: a Redis Cluster node that stops serving a slot (its
+//! master demoted by a failover, the slot migrated) ends every sharded
+//! subscription of that slot with the same push, and the topic would go
+//! silent ([`Topics::unsubscribed`]).
 
 use std::{collections::HashMap, time::Duration};
 
@@ -29,6 +36,8 @@ struct Topic {
 #[derive(Default)]
 pub struct Topics {
     topics: HashMap<String, Topic>,
+    /// Unsubscribes sent and not yet confirmed, by topic.
+    unsubscribing: HashMap<String, usize>,
 }
 
 impl Topics {
@@ -82,14 +91,38 @@ impl Topics {
             }
             !idle
         });
+        for name in &unsubscribe {
+            *self.unsubscribing.entry(name.clone()).or_default() += 1;
+        }
         unsubscribe
     }
 
-    /// The connection was lost: nothing is subscribed any more.
+    /// Redis reported `name` unsubscribed. True when it confirms one of the
+    /// table's unsubscribes; false when Redis ended the subscription on its
+    /// own, and the connection no longer receives what it needs.
+    pub fn unsubscribed(&mut self, name: &[u8]) -> bool {
+        let Some(name) = std::str::from_utf8(name).ok() else {
+            return false;
+        };
+        match self.unsubscribing.get_mut(name) {
+            Some(count) => {
+                *count -= 1;
+                if *count == 0 {
+                    self.unsubscribing.remove(name);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection was lost: nothing is subscribed any more, and no
+    /// unsubscribe will be confirmed.
     pub fn forget_subscriptions(&mut self) {
         for topic in self.topics.values_mut() {
             topic.subscribed = false;
         }
+        self.unsubscribing.clear();
     }
 
     /// For a new connection: drops the topics no socket needs, and returns
@@ -185,5 +218,28 @@ mod tests {
         assert_eq!(set, names(&["c:a", "u:x"]));
         t.confirm_all();
         assert_eq!(t.subscribed(), 2);
+    }
+
+    #[test]
+    fn an_unsubscribe_is_told_apart_from_one_redis_made_on_its_own() {
+        let mut topics = Topics::default();
+        let mut missing = Vec::new();
+        topics.add(names(&["a", "b"]), &mut missing);
+        topics.confirm(&missing);
+        let start = Instant::now();
+        topics.remove(names(&["a"]), start);
+        assert_eq!(topics.sweep(start + UNSUBSCRIBE_DELAY), names(&["a"]));
+        // The confirmation of the table's own unsubscribe, once.
+        assert!(topics.unsubscribed(b"a"));
+        assert!(!topics.unsubscribed(b"a"));
+        // Redis ended a subscription the table still needs.
+        assert!(!topics.unsubscribed(b"b"));
+        // After a lost connection no confirmation is awaited.
+        topics.add(names(&["a"]), &mut Vec::new());
+        topics.confirm(&names(&["a"]));
+        topics.remove(names(&["a"]), start);
+        assert_eq!(topics.sweep(start + UNSUBSCRIBE_DELAY), names(&["a"]));
+        topics.forget_subscriptions();
+        assert!(!topics.unsubscribed(b"a"));
     }
 }
