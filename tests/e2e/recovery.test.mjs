@@ -556,6 +556,42 @@ test("a Redis Cluster failover that lost the master's last write: a session from
   });
 });
 
+test("a node that lost Redis while the others did not: once back, its sockets receive what was posted meanwhile, exactly once, in order", async () => {
+  const redis = await startRedis();
+  // Node a reaches Redis through a proxy that cuts its connections.
+  const link = await startProxy({ url: redis.url.replace("redis:", "http:") });
+  const a = await readyNode({ env: { CHANNELS_REDIS_URL: link.url.replace("http:", "redis:") } });
+  const b = await readyNode(redis);
+  try {
+    const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
+    const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
+    await post(b, { msg: "before", channel: "admin" });
+    await exactly(noa, ["before"]);
+    link.pause();
+    link.cut();
+    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 503, 5000, "a not ready");
+    await post(b, { msg: "while a was away 1", channel: "admin" });
+    await post(b, { msg: "while a was away 2", keycloak: "noa" });
+    await post(b, { msg: "while a was away 3", keycloak: "mia", channel: "b2b" });
+    await post(b, { msg: "elsewhere", channel: "ops" });
+    link.resume();
+    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 200, 15_000, "a ready again");
+    await post(b, { msg: "after", channel: "admin" });
+    await post(a, { msg: "after", keycloak: "mia" });
+    await exactly(noa, ["before", "while a was away 1", "while a was away 2", "after"]);
+    await exactly(mia, ["while a was away 3", "after"]);
+    // Nothing was lost, so nobody reconnected.
+    assert.deepEqual([noa.recoveries, mia.recoveries], [[false], [false]]);
+    noa.close();
+    mia.close();
+  } finally {
+    await link.close();
+    await a.stop();
+    await b.stop();
+    await redis.stop();
+  }
+});
+
 // A coordinated failover (a managed Redis's maintenance) demotes a master
 // that stays up: it ends the sharded subscriptions of its slots with a push
 // and sends the publishes elsewhere. Before the bus treated that push as a

@@ -220,6 +220,14 @@ impl Keys<'_> {
     }
 }
 
+/// The stream that keeps what a notification topic carries
+/// (`{prefix}:c:{channel}` → `{prefix}:h:c:{channel}`, and so for a user);
+/// `None` for the bus's own topics (requests, replies, take-overs).
+pub fn topic_stream(prefix: &str, topic: &str) -> Option<String> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix(':')?;
+    (rest.starts_with("c:") || rest.starts_with("u:")).then(|| format!("{prefix}:h:{rest}"))
+}
+
 /// The value of a session's end record.
 pub fn ended_value(ended: Ended) -> String {
     match ended {
@@ -307,7 +315,7 @@ pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverRe
 }
 
 /// One stream entry: `[id, ["n", payload]]`.
-fn decode_entry(entry: &Value) -> Option<Missed> {
+pub fn decode_entry(entry: &Value) -> Option<Missed> {
     let Value::Array(entry) = entry else {
         return None;
     };
@@ -351,6 +359,26 @@ pub fn split_message(payload: &[u8]) -> Option<(Offset, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_is_kept_in_the_stream_of_the_same_target() {
+        let keys = Keys("{channels}");
+        assert_eq!(
+            topic_stream("{channels}", "{channels}:c:admin"),
+            Some(keys.stream(&StreamKey::Channel(
+                crate::notification::Channel::parse("admin").unwrap()
+            )))
+        );
+        assert_eq!(
+            topic_stream("{channels}", "{channels}:u:alice"),
+            Some(keys.stream(&StreamKey::User(
+                crate::notification::KeycloakId::parse("alice").unwrap()
+            )))
+        );
+        assert_eq!(topic_stream("{channels}", "{channels}:requests"), None);
+        assert_eq!(topic_stream("{channels}", "{channels}:replies:00ff"), None);
+        assert_eq!(topic_stream("{channels}", "{channels}:takeover"), None);
+    }
 
     #[test]
     fn a_bus_message_is_its_offset_then_its_json() {

@@ -15,10 +15,13 @@
 //!   user-channel variant rides the user topic; delivery filters by
 //!   channel).
 //! * **Recovery** ([`history`]): one round trip reads a returning session's
-//!   record, its node's heartbeat and its two streams.
+//!   record, its node's heartbeat and its two streams. After a lost
+//!   connection the node reads from the same streams what its sockets
+//!   missed meanwhile ([`catch_up`]).
 //! * [`connection`] is the one place that tells a single Redis from a Redis
 //!   Cluster.
 
+mod catch_up;
 mod connection;
 mod history;
 mod idempotency;
@@ -102,6 +105,9 @@ struct Shared {
     /// The highest offset this node has seen published or received: where
     /// a new session starts.
     position: AtomicU64,
+    /// The highest offset delivered from the subscription connection: after
+    /// its loss, where the [`catch_up`] starts.
+    received: AtomicU64,
     /// Lost connections and subscriptions, for the [`Subscriber`].
     lost: mpsc::UnboundedSender<subscriber::Lost>,
     /// This node's requests waiting for answers, by id ([`requests`]).
@@ -160,6 +166,7 @@ impl RedisBus {
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             position: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             lost: lost_tx,
             asking: dashmap::DashMap::new(),
             next_request: AtomicU64::new(0),
@@ -189,6 +196,7 @@ impl RedisBus {
             next_attempt: Instant::now(),
             attempts: 0,
             ever_connected: false,
+            gap: None,
         };
         tasks.spawn(subscriber.run(requests_rx, lost_rx, stop.clone()));
         tasks.spawn(Publisher::run(shared.clone(), jobs_rx, stop));

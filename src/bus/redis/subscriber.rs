@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Shared,
+    catch_up::{Hold, catch_up},
     connection::{Connection, Connector, PushHandler},
     history::{EPOCH_SCRIPT, Keys, split_message},
     parse_takeover,
@@ -37,7 +38,7 @@ use super::{
     takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
-use crate::{bus::Deliver, notification::Notification};
+use crate::{bus::Deliver, notification::Notification, recovery::Offset};
 
 /// First and largest wait between two reconnection attempts (before jitter).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -84,6 +85,10 @@ pub struct Subscriber {
     /// Connection attempts so far; numbers the generations.
     pub attempts: u64,
     pub ever_connected: bool,
+    /// With recovery on, since the connection was lost: the last offset it
+    /// delivered, after which the sockets here may have missed what other
+    /// nodes published ([`super::catch_up`]).
+    pub gap: Option<Offset>,
 }
 
 impl Subscriber {
@@ -184,6 +189,9 @@ impl Subscriber {
         );
         self.shared.ready.store(false, Ordering::Release);
         self.shared.metrics.handles().bus_up.set(0);
+        if self.shared.recovery.is_some() && self.gap.is_none() {
+            self.gap = Some(self.shared.received.load(Ordering::Acquire));
+        }
         self.shared.set_connection(None);
         self.connection = None;
         self.topics.forget_subscriptions();
@@ -215,17 +223,28 @@ impl Subscriber {
             }
             // Revocations made while this node was away or not yet started.
             load_revocations(&self.shared, &mut publisher, &*self.sink).await?;
+            let hold = Hold::new(self.gap.is_some());
             let mut subscriber = self
                 .connector
-                .connect(Some(self.push_handler(generation)))
+                .connect(Some(self.push_handler(generation, hold.clone())))
                 .await?;
             for chunk in needed.chunks(SUBSCRIBE_CHUNK) {
                 subscriber.subscribe(chunk).await?;
+            }
+            if let Some(after) = self.gap {
+                let shared = &self.shared;
+                let sink = &*self.sink;
+                let until = catch_up(shared, &mut publisher, &needed, after, |offset, n| {
+                    deliver(shared, sink, offset, n, false)
+                })
+                .await?;
+                hold.release(until, |offset, n| deliver(shared, sink, offset, &n, true));
             }
             Ok::<_, redis::RedisError>((publisher, subscriber))
         };
         match attempt.await {
             Ok((publisher, subscriber)) => {
+                self.gap = None;
                 self.topics.confirm_all();
                 self.shared.generation.store(generation, Ordering::Release);
                 self.shared.set_connection(Some(publisher));
@@ -249,7 +268,7 @@ impl Subscriber {
     }
 
     /// Delivers messages straight from the connection, and reports its loss.
-    fn push_handler(&self, generation: u64) -> PushHandler {
+    fn push_handler(&self, generation: u64, hold: Hold) -> PushHandler {
         let sink = self.sink.clone();
         let shared = self.shared.clone();
         let takeover = takeover_topic(&shared.prefix);
@@ -285,16 +304,9 @@ impl Subscriber {
                         });
                         match parsed {
                             Some((offset, notification)) => {
-                                shared.position.fetch_max(offset, Ordering::AcqRel);
-                                let written = sink.deliver(offset, &notification);
-                                if let Some(receipt) = notification.receipt {
-                                    reply(
-                                        &shared,
-                                        receipt.node,
-                                        receipt.id,
-                                        written.to_string().as_bytes(),
-                                    );
-                                }
+                                hold.pass(offset, notification, |offset, n| {
+                                    deliver(&shared, &*sink, offset, &n, true)
+                                })
                             }
                             None => tracing::warn!("unreadable bus message dropped"),
                         }
@@ -325,6 +337,23 @@ impl Subscriber {
     }
 }
 
+/// Writes a notification from the bus to this node's sockets; with
+/// `receipt`, answers its delivery receipt (not for one read in a
+/// catch-up: its caller had its answer long ago).
+fn deliver(shared: &Shared, sink: &dyn Deliver, offset: Offset, n: &Notification, receipt: bool) {
+    shared.position.fetch_max(offset, Ordering::AcqRel);
+    shared.received.fetch_max(offset, Ordering::AcqRel);
+    let written = sink.deliver(offset, n);
+    if receipt && let Some(receipt) = n.receipt {
+        reply(
+            shared,
+            receipt.node,
+            receipt.id,
+            written.to_string().as_bytes(),
+        );
+    }
+}
+
 /// Begins a new epoch of the recovery history when the Redis connected to
 /// is not the one it was written on (`history`, "The history's epoch"),
 /// and moves this node's position to the sequence's current value, so a
@@ -347,6 +376,9 @@ async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::Red
     }
     if let Ok(sequence) = sequence.parse() {
         shared.position.fetch_max(sequence, Ordering::AcqRel);
+        // Nothing from before this connection is owed to the sockets here:
+        // a later catch-up starts no earlier.
+        shared.received.fetch_max(sequence, Ordering::AcqRel);
     }
     Ok(())
 }
