@@ -592,6 +592,31 @@ test("a node that lost Redis while the others did not: once back, its sockets re
   }
 });
 
+test("a master demoted without losing its connections (one DNS name moved to the new master): the node reconnects and serves again", async () => {
+  const old = await startRedis();
+  const promoted = await startRedis();
+  // The proxy plays the DNS name: new connections go where it points.
+  const name = await startProxy({ url: old.url.replace("redis:", "http:") });
+  const node = await readyNode({ env: { CHANNELS_REDIS_URL: name.url.replace("http:", "redis:") } });
+  try {
+    const noa = await frontend(node, node, "noa", "admin", ["websocket"]);
+    await post(node, { msg: "before", channel: "admin" });
+    await exactly(noa, ["before"]);
+    execFileSync("redis-cli", ["-p", String(old.port), "REPLICAOF", "127.0.0.1", String(promoted.port)]);
+    name.to({ url: promoted.url.replace("redis:", "http:") });
+    // Its writes now fail with READONLY on the old master (its heartbeat's
+    // within a second): the node reconnects, through the name, to the new one.
+    await postThrough(node, { msg: "after", channel: "admin" }, "after-demotion");
+    await exactly(noa, ["before", "after"]);
+    noa.close();
+  } finally {
+    await name.close();
+    await node.stop();
+    await old.stop();
+    await promoted.stop();
+  }
+});
+
 // A coordinated failover (a managed Redis's maintenance) demotes a master
 // that stays up: it ends the sharded subscriptions of its slots with a push
 // and sends the publishes elsewhere. Before the bus treated that push as a

@@ -200,11 +200,15 @@ impl Publisher {
     }
 
     /// A call that failed. Tells the [`super::subscriber::Subscriber`] when
-    /// the connection itself is gone.
+    /// the connection itself is gone, or leads to a Redis that is no longer
+    /// a master (`READONLY`: demoted by a failover that kept its
+    /// connections, as a managed Redis behind one DNS name may do; a new
+    /// connection reaches the master the name or the Sentinels give now).
     fn failed(shared: &Shared, generation: u64, e: &redis::RedisError) {
         shared.metrics.handles().bus_publish_errors.inc();
         tracing::warn!(error = %e, "write to Redis failed");
-        if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() {
+        let demoted = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+        if e.is_unrecoverable_error() || e.is_timeout() || e.is_connection_dropped() || demoted {
             let _ = shared.lost.send(Lost::Connection(generation));
         }
     }
