@@ -68,6 +68,9 @@ pub struct Handles {
     pub bus_up: IntGauge,
     /// Times the bus connection was re-established.
     pub bus_reconnects: IntCounter,
+    /// Notifications read from the history after a lost bus connection:
+    /// what the other nodes published while this one was away.
+    pub bus_caught_up: IntCounter,
     /// Publishes that failed (each answered 503).
     pub bus_publish_errors: IntCounter,
     /// Bus topics this node is subscribed to.
@@ -250,6 +253,11 @@ impl Metrics {
                 "Times the bus connection was re-established",
             )
             .expect("valid"),
+            bus_caught_up: IntCounter::new(
+                "bus_caught_up_total",
+                "Notifications read from the history after a lost bus connection",
+            )
+            .expect("valid"),
             bus_publish_errors: IntCounter::new(
                 "bus_publish_errors_total",
                 "Publishes to the bus that failed (answered 503)",
@@ -289,6 +297,7 @@ impl Metrics {
             Box::new(handles.bus_received.clone()),
             Box::new(handles.bus_up.clone()),
             Box::new(handles.bus_reconnects.clone()),
+            Box::new(handles.bus_caught_up.clone()),
             Box::new(handles.bus_publish_errors.clone()),
             Box::new(handles.bus_subscriptions.clone()),
             Box::new(handles.slow_client_disconnects.clone()),

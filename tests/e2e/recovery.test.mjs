@@ -580,8 +580,11 @@ test("a node that lost Redis while the others did not: once back, its sockets re
     await post(a, { msg: "after", keycloak: "mia" });
     await exactly(noa, ["before", "while a was away 1", "while a was away 2", "after"]);
     await exactly(mia, ["while a was away 3", "after"]);
-    // Nothing was lost, so nobody reconnected.
+    // Nothing was lost, so nobody reconnected: node a read the three from
+    // the history (not "elsewhere": no socket of it is in that channel).
     assert.deepEqual([noa.recoveries, mia.recoveries], [[false], [false]]);
+    const metrics = await (await fetch(`${a.url}/metrics`)).text();
+    assert.match(metrics, /\nchannels_bus_caught_up_total 3\n/);
     noa.close();
     mia.close();
   } finally {

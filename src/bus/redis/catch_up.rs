@@ -122,6 +122,8 @@ pub async fn catch_up(
             notifications = missed.len(),
             "delivering what this node's sockets missed while its bus was away"
         );
+        let handles = shared.metrics.handles();
+        handles.bus_caught_up.inc_by(missed.len() as u64);
     }
     for (offset, notification) in missed {
         deliver(offset, &notification);

@@ -358,7 +358,8 @@ fn deliver(shared: &Shared, sink: &dyn Deliver, offset: Offset, n: &Notification
 /// is not the one it was written on (`history`, "The history's epoch"),
 /// and moves this node's position to the sequence's current value, so a
 /// session that begins before the node has seen a notification starts
-/// there, not before everything in the history.
+/// there, not before everything in the history; so does the mark a later
+/// catch-up starts from.
 async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::RedisResult<()> {
     let keys = Keys(&shared.prefix);
     let mut invocation = EPOCH_SCRIPT.prepare_invoke();
@@ -376,8 +377,6 @@ async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::Red
     }
     if let Ok(sequence) = sequence.parse() {
         shared.position.fetch_max(sequence, Ordering::AcqRel);
-        // Nothing from before this connection is owed to the sockets here:
-        // a later catch-up starts no earlier.
         shared.received.fetch_max(sequence, Ordering::AcqRel);
     }
     Ok(())
