@@ -9,7 +9,10 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use socketioxide::extract::{SocketRef, State, TryData};
+use socketioxide::{
+    extract::{SocketRef, State, TryData},
+    socket::DisconnectReason,
+};
 
 use super::{Gateway, Recipient, SocketTag, replay::Gate, take_over};
 use crate::{
@@ -217,8 +220,18 @@ pub(super) async fn authenticate(
     // state when it runs, so an open socket does not hold a copy of it.
     let on_leave = member.clone();
     socket.on_disconnect(
-        move |s: SocketRef, State(gateway): State<Gateway>| async move {
-            on_leave.unregister(&gateway, &s)
+        move |s: SocketRef, reason: DisconnectReason, State(gateway): State<Gateway>| async move {
+            on_leave.unregister(&gateway, &s);
+            // The client left the node's only namespace: its engine.io
+            // connection carries nothing more, and its client closes it
+            // next. Closed here, a long-poll still pending on it is
+            // answered at once. Left open, it held a node's graceful stop
+            // for the whole shutdown timeout when the stop came before the
+            // client's close: `SocketIo::close` closes the namespaces'
+            // sockets, not an engine.io session without one.
+            if reason == DisconnectReason::ClientNSDisconnect {
+                s.close_underlying_transport().await;
+            }
         },
     );
     let tasks = gateway.tasks.clone();
