@@ -22,7 +22,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use redis::Value;
@@ -41,13 +44,22 @@ const STREAMS_PER_CALL: usize = 512;
 type Message = (Offset, Notification);
 
 /// The deliveries of a new subscription connection, held while the
-/// catch-up runs (`Some`), or let through (`None`).
+/// catch-up runs, then let through. Once let through, a delivery reads one
+/// flag and takes no lock.
 #[derive(Clone)]
-pub struct Hold(Arc<Mutex<Option<Vec<Message>>>>);
+pub struct Hold(Arc<Held>);
+
+struct Held {
+    holding: AtomicBool,
+    messages: Mutex<Vec<Message>>,
+}
 
 impl Hold {
     pub fn new(holding: bool) -> Self {
-        Hold(Arc::new(Mutex::new(holding.then(Vec::new))))
+        Hold(Arc::new(Held {
+            holding: AtomicBool::new(holding),
+            messages: Mutex::new(Vec::new()),
+        }))
     }
 
     /// Delivers a notification now, or keeps it for [`Hold::release`].
@@ -57,23 +69,28 @@ impl Hold {
         notification: Notification,
         deliver: impl FnOnce(Offset, Notification),
     ) {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match held.as_mut() {
-            Some(held) => held.push((offset, notification)),
-            None => deliver(offset, notification),
+        if self.0.holding.load(Ordering::Acquire) {
+            let mut messages = self.0.messages.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked again under the lock: a release may have just ended.
+            if self.0.holding.load(Ordering::Acquire) {
+                messages.push((offset, notification));
+                return;
+            }
         }
+        deliver(offset, notification);
     }
 
     /// Delivers what was held after `after` (the rest was in the catch-up),
     /// then lets everything through. Under the lock, so nothing that
     /// arrives meanwhile overtakes it.
     pub fn release(&self, after: Offset, mut deliver: impl FnMut(Offset, Notification)) {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for (offset, notification) in held.take().unwrap_or_default() {
+        let mut messages = self.0.messages.lock().unwrap_or_else(|p| p.into_inner());
+        for (offset, notification) in std::mem::take(&mut *messages) {
             if offset > after {
                 deliver(offset, notification);
             }
         }
+        self.0.holding.store(false, Ordering::Release);
     }
 }
 

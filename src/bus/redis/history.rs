@@ -60,12 +60,16 @@ use crate::{
     recovery::{Ended, NodeId, Offset, Origin, Session},
 };
 
-/// Lua, put before the scripts that start a sequence or an epoch:
-/// `clock_base()` is Redis's clock in ms × 1000, where a new sequence starts.
-const CLOCK_BASE: &str = r"
+/// Lua, put before the history scripts:
+/// `clock_base()` is Redis's clock in ms × 1000, where a new sequence
+/// starts; `evicted_keys()` is Redis's count of evicted keys, as text.
+const PRELUDE: &str = r"
 local function clock_base()
   local now = redis.call('TIME')
   return (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1000
+end
+local function evicted_keys()
+  return string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''
 end
 ";
 
@@ -80,7 +84,7 @@ end
 /// failed: an item's failure fails only that item, as separate calls would.
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        &[CLOCK_BASE, r"
+        &[PRELUDE, r"
 local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
 local n = tonumber(ARGV[1])
 local last = redis.call('INCRBY', KEYS[1], n)
@@ -117,7 +121,9 @@ return out
 /// sequence's current value.
 pub static EPOCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        &[CLOCK_BASE, r"
+        &[
+            PRELUDE,
+            r"
 local began = 0
 local id = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
 if redis.call('GET', KEYS[1]) ~= id then
@@ -128,11 +134,13 @@ if redis.call('GET', KEYS[1]) ~= id then
   redis.call('SET', KEYS[2], text)
   redis.call('SET', KEYS[3], text)
   redis.call('SET', KEYS[1], id)
-  redis.call('SET', KEYS[4], (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''))
+  redis.call('SET', KEYS[4], evicted_keys())
   began = 1
 end
 return { began, redis.call('GET', KEYS[2]) or '0' }
-"].concat(),
+",
+        ]
+        .concat(),
     )
 });
 
@@ -146,9 +154,9 @@ return { began, redis.call('GET', KEYS[2]) or '0' }
 pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[
-            CLOCK_BASE,
+            PRELUDE,
             r"
-local evicted = (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
+local evicted = evicted_keys()
 local recorded = redis.call('GET', KEYS[7])
 if recorded ~= evicted then
   if recorded or evicted ~= '0' then

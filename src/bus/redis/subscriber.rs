@@ -2,8 +2,9 @@
 //! topic table, serialises every SUBSCRIBE/UNSUBSCRIBE (so they reach Redis
 //! in the order they were decided), notices a lost connection (a push of
 //! kind `Disconnection`, or a failed write reported by the publisher) or a
-//! subscription that Redis ended on its own (see [`Lost`]), reconnects with capped exponential backoff and jitter, resubscribes
-//! every topic its sockets need, and only then reports ready again. While
+//! subscription that Redis ended on its own (see [`Lost`]), reconnects
+//! with capped exponential backoff and jitter, resubscribes every topic
+//! its sockets need, and only then reports ready again. While
 //! Redis is away, sockets stay connected and `/notify` answers 503; the
 //! topic table stays bounded by the local sockets.
 //!
