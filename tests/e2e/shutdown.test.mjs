@@ -30,3 +30,24 @@ test("a node stopped right after a long-polling client closed exits in time, ten
   }
   assert.deepEqual(exits, Array(10).fill(0));
 });
+
+// A client between engine.io's handshake and its socket.io CONNECT (a slow
+// page, or one whose auth callback is still fetching a token) has a
+// long-poll pending and no socket.io socket. socketioxide's close did not
+// close such a session, so the stop waited for its connect timeout (10 s
+// here) or the next ping, past the shutdown timeout: exit code 1 after 3 s.
+test("a node stopped while a client is between its handshake and its CONNECT exits at once", async () => {
+  const node = await startNode({ CHANNELS_SHUTDOWN_TIMEOUT: "3" });
+  const open = await (await fetch(`${node.url}/socket.io/?EIO=4&transport=polling`)).text();
+  const { sid } = JSON.parse(open.slice(1));
+  // Nothing is queued before a CONNECT: this poll waits.
+  const poll = fetch(`${node.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`).then((r) => r.text());
+  await sleep(200);
+  const began = Date.now();
+  await node.stop();
+  const took = Date.now() - began;
+  assert.equal(node.child.exitCode, 0);
+  assert.ok(took < 1500, `the stop took ${took} ms`);
+  // The poll is answered with engine.io's close packet.
+  assert.equal(await poll, "1");
+});

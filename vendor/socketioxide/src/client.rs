@@ -7,7 +7,7 @@ use bytes::Bytes;
 use engineioxide::Str;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::socket::{DisconnectReason as EIoDisconnectReason, Socket as EIoSocket};
-use futures_util::{FutureExt, TryFutureExt};
+use futures_util::FutureExt;
 
 use matchit::{Match, Router};
 use socketioxide_core::packet::{Packet, PacketData};
@@ -30,6 +30,11 @@ pub struct Client<A: Adapter> {
     pub(crate) nsps: RwLock<HashMap<Str, Arc<Namespace<A>>>>,
     router: RwLock<Router<NamespaceCtr<A>>>,
     adapter_state: A::State,
+    /// Set once [`Client::close`] begins: the connect timeout tasks watch it,
+    /// so an engine.io connection that has not connected to a namespace yet
+    /// is closed too, and its pending long-poll answered, instead of
+    /// holding a graceful shutdown until its connect timeout.
+    closing: tokio::sync::watch::Sender<bool>,
 
     #[cfg(feature = "state")]
     pub(crate) state: state::TypeMap![Send + Sync],
@@ -51,6 +56,7 @@ impl<A: Adapter> Client<A> {
             nsps: RwLock::new(HashMap::new()),
             router: RwLock::new(Router::new()),
             adapter_state,
+            closing: tokio::sync::watch::Sender::new(false),
             #[cfg(feature = "state")]
             state,
         }
@@ -125,20 +131,31 @@ impl<A: Adapter> Client<A> {
     }
 
     /// Spawn a task that will close the socket if it is not connected to a namespace
-    /// after the [`SocketIoConfig::connect_timeout`] duration
+    /// after the [`SocketIoConfig::connect_timeout`] duration, or when the client closes
     fn spawn_connect_timeout_task(&self, socket: Arc<EIoSocket<SocketData<A>>>) {
         #[cfg(feature = "tracing")]
         tracing::debug!("spawning connect timeout task");
         let (tx, rx) = oneshot::channel();
         socket.data.connect_recv_tx.lock().unwrap().replace(tx);
 
-        tokio::spawn(
-            tokio::time::timeout(self.config.connect_timeout, rx).map_err(move |_| {
-                #[cfg(feature = "tracing")]
-                tracing::debug!("connect timeout for socket {}", socket.id);
-                socket.close(EIoDisconnectReason::TransportClose);
-            }),
-        );
+        let connect_timeout = self.config.connect_timeout;
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            let reason = tokio::select! {
+                connected = tokio::time::timeout(connect_timeout, rx) => match connected {
+                    Ok(_) => return,
+                    Err(_) => EIoDisconnectReason::TransportClose,
+                },
+                _ = closing.wait_for(|closing| *closing) => EIoDisconnectReason::ClosingServer,
+            };
+            #[cfg(feature = "tracing")]
+            tracing::debug!(
+                ?reason,
+                "socket {} closed before connecting to a namespace",
+                socket.id
+            );
+            socket.close(reason);
+        });
     }
 
     /// Adds a new namespace handler
@@ -195,6 +212,7 @@ impl<A: Adapter> Client<A> {
     /// Closes all engine.io connections and all clients
     #[cfg_attr(feature = "tracing", tracing::instrument(skip(self)))]
     pub(crate) async fn close(&self) {
+        self.closing.send_replace(true);
         #[cfg(feature = "tracing")]
         tracing::debug!("closing all namespaces");
         let ns = { std::mem::take(&mut *self.nsps.write().unwrap()) };

@@ -332,6 +332,39 @@ pub async fn server_http_closing_pending_poll() {
     }
 }
 
+/// An engine.io session that has not connected to a namespace yet, with a
+/// long-poll pending, is closed by `io.close()` too: its poll is answered
+/// at once, not when the connect timeout or the next ping comes.
+#[tokio::test]
+pub async fn server_http_closing_before_namespace_connect() {
+    let (svc, io) = SocketIo::builder()
+        .ping_interval(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10))
+        .build_svc();
+    let _rx = attach_handler(&io, 1);
+    let open = send_req(&svc, "transport=polling".into(), http::Method::GET, None).await;
+    let open: serde_json::Value = serde_json::from_str(&open).unwrap();
+    let sid = open["sid"].as_str().unwrap().to_owned();
+    // Nothing is buffered before a CONNECT: this poll waits.
+    let pending_poll = tokio::spawn({
+        let svc = svc.clone();
+        async move {
+            let params = format!("transport=polling&sid={sid}");
+            send_req(&svc, params, http::Method::GET, None).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    tokio::time::timeout(Duration::from_millis(100), io.close())
+        .await
+        .expect("timeout waiting for server closing");
+    // The engine.io close packet `1`, its type stripped by `send_req`.
+    let answer = tokio::time::timeout(Duration::from_millis(100), pending_poll)
+        .await
+        .expect("the pending poll was not answered");
+    assert_eq!(answer.unwrap(), "");
+}
+
 #[tokio::test]
 pub async fn server_http_closing() {
     let (svc, io) = create_server().await;
