@@ -17,6 +17,7 @@ fn official_socket_io_client_suite() {
     require("redis-server", "redis-server");
     require("redis-cli", "redis-tools");
     require("haproxy", "haproxy");
+    require("ss", "iproute2");
     require("chromium", "chromium");
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
     let installed = suite.join("node_modules/.package-lock.json");

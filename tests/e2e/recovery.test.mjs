@@ -556,6 +556,37 @@ test("a Redis Cluster failover that lost the master's last write: a session from
   });
 });
 
+/**
+ * Node a loses its bus (`away`) while node b does not, and b publishes
+ * meanwhile; once a is `back`, its sockets must have everything, exactly
+ * once, in order, without reconnecting: a reads it from the history.
+ */
+async function lostByOneNode(a, b, away, back) {
+  const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
+  const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
+  await post(b, { msg: "before", channel: "admin" });
+  await exactly(noa, ["before"]);
+  await away();
+  await post(b, { msg: "while a was away 1", channel: "admin" });
+  await post(b, { msg: "while a was away 2", keycloak: "noa" });
+  await post(b, { msg: "while a was away 3", keycloak: "mia", channel: "b2b" });
+  await post(b, { msg: "elsewhere", channel: "ops" });
+  await back();
+  const metrics = async () => (await fetch(`${a.url}/metrics`)).text();
+  await waitFor(async () => /\nchannels_bus_reconnects_total 1\n/.test(await metrics()), 15_000, "a reconnected");
+  await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 200, 15_000, "a ready again");
+  await post(b, { msg: "after", channel: "admin" });
+  await post(a, { msg: "after", keycloak: "mia" });
+  await exactly(noa, ["before", "while a was away 1", "while a was away 2", "after"]);
+  await exactly(mia, ["while a was away 3", "after"]);
+  // Nothing was lost, so nobody reconnected: node a read the three from
+  // the history (not "elsewhere": no socket of it is in that channel).
+  assert.deepEqual([noa.recoveries, mia.recoveries], [[false], [false]]);
+  assert.match(await metrics(), /\nchannels_bus_caught_up_total 3\n/);
+  noa.close();
+  mia.close();
+}
+
 test("a node that lost Redis while the others did not: once back, its sockets receive what was posted meanwhile, exactly once, in order", async () => {
   const redis = await startRedis();
   // Node a reaches Redis through a proxy that cuts its connections.
@@ -563,32 +594,44 @@ test("a node that lost Redis while the others did not: once back, its sockets re
   const a = await readyNode({ env: { CHANNELS_REDIS_URL: link.url.replace("http:", "redis:") } });
   const b = await readyNode(redis);
   try {
-    const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
-    const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
-    await post(b, { msg: "before", channel: "admin" });
-    await exactly(noa, ["before"]);
-    link.pause();
-    link.cut();
-    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 503, 5000, "a not ready");
-    await post(b, { msg: "while a was away 1", channel: "admin" });
-    await post(b, { msg: "while a was away 2", keycloak: "noa" });
-    await post(b, { msg: "while a was away 3", keycloak: "mia", channel: "b2b" });
-    await post(b, { msg: "elsewhere", channel: "ops" });
-    link.resume();
-    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 200, 15_000, "a ready again");
-    await post(b, { msg: "after", channel: "admin" });
-    await post(a, { msg: "after", keycloak: "mia" });
-    await exactly(noa, ["before", "while a was away 1", "while a was away 2", "after"]);
-    await exactly(mia, ["while a was away 3", "after"]);
-    // Nothing was lost, so nobody reconnected: node a read the three from
-    // the history (not "elsewhere": no socket of it is in that channel).
-    assert.deepEqual([noa.recoveries, mia.recoveries], [[false], [false]]);
-    const metrics = await (await fetch(`${a.url}/metrics`)).text();
-    assert.match(metrics, /\nchannels_bus_caught_up_total 3\n/);
-    noa.close();
-    mia.close();
+    const away = async () => {
+      link.pause();
+      link.cut();
+      await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 503, 5000, "a not ready");
+    };
+    await lostByOneNode(a, b, away, async () => link.resume());
   } finally {
     await link.close();
+    await a.stop();
+    await b.stop();
+    await redis.stop();
+  }
+});
+
+// A Redis Cluster client finds each master's address itself, so a proxy
+// cannot stand in its way: node a is stopped (SIGSTOP) and the masters
+// close its connections (CLIENT KILL of each address `ss` shows it
+// holding), as Redis does to a client it times out or that overflows its
+// pub/sub output buffer. Resumed, it finds them closed.
+test("a node that lost its Redis Cluster connections while the others did not: once back, its sockets receive what was posted meanwhile, exactly once, in order", async () => {
+  const redis = await startRedisCluster();
+  const a = await readyNode(redis);
+  const b = await readyNode(redis);
+  const masters = redis.env.CHANNELS_REDIS_URL.split(",").map((url) => new URL(url).port);
+  try {
+    const away = async () => {
+      a.child.kill("SIGSTOP");
+      const held = execFileSync("ss", ["-tnpH", "state", "established"]).toString().split("\n")
+        .filter((line) => line.includes(`pid=${a.child.pid},`))
+        .map((line) => line.trim().split(/\s+/).slice(2, 4))
+        .filter(([, peer]) => masters.includes(peer.split(":").pop()));
+      for (const [local, peer] of held) redis.cli(peer.split(":").pop(), "CLIENT", "KILL", "ADDR", local);
+      // Its subscriptions and its commands, on each master it reached.
+      assert.ok(held.length >= 2, `node a held ${held.length} Redis connections`);
+    };
+    await lostByOneNode(a, b, away, async () => a.child.kill("SIGCONT"));
+  } finally {
+    a.child.kill("SIGCONT");
     await a.stop();
     await b.stop();
     await redis.stop();
