@@ -205,11 +205,6 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Keys, summed over the masters.
-    pub fn dbsize(&self) -> usize {
-        self.keys().len()
-    }
-
     /// Subscribers of a sharded channel, summed over the masters.
     pub fn shard_numsub(&self, topic: &str) -> i64 {
         self.masters

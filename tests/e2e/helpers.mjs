@@ -193,15 +193,29 @@ export async function startRedis(port) {
       return false;
     }
   };
+  // Its own directory: a replica (after REPLICAOF) writes the RDB it syncs.
+  const { mkdtempSync, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const dir = mkdtempSync(join(tmpdir(), "channels-e2e-redis-"));
   const server = await spawnReady(
     "redis-server",
-    ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir],
     {},
     async () => pong(),
     "redis-server",
   );
   const url = `redis://127.0.0.1:${port}`;
-  return { ...server, port, url, env: { CHANNELS_REDIS_URL: url } };
+  return {
+    ...server,
+    port,
+    url,
+    env: { CHANNELS_REDIS_URL: url },
+    async stop() {
+      await server.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }
 
 /**

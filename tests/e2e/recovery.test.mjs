@@ -663,6 +663,40 @@ test("a master demoted without losing its connections (one DNS name moved to the
   }
 });
 
+// With recovery off a node publishes with a bare PUBLISH, which a replica
+// takes and delivers only to its own subscribers: a node left on the
+// demoted master published into the void, each call answered 200, and
+// never noticed. Its heartbeat, a write, is answered READONLY.
+test("a master demoted without losing its connections, recovery off: the node left on it reconnects within seconds, and what it publishes then reaches the other nodes", async () => {
+  const old = await startRedis();
+  const promoted = await startRedis();
+  const name = await startProxy({ url: old.url.replace("redis:", "http:") });
+  const off = { CHANNELS_RECOVERY_WINDOW: "0" };
+  const stayed = await readyNode({ env: { CHANNELS_REDIS_URL: name.url.replace("http:", "redis:"), ...off } });
+  try {
+    execFileSync("redis-cli", ["-p", String(old.port), "REPLICAOF", "127.0.0.1", String(promoted.port)]);
+    name.to({ url: promoted.url.replace("redis:", "http:") });
+    // A node started after the failover is on the new master.
+    const fresh = await readyNode(promoted, off);
+    try {
+      const noa = await frontend(fresh, fresh, "noa", "admin", ["websocket"]);
+      const metrics = async () => (await fetch(`${stayed.url}/metrics`)).text();
+      await waitFor(async () => /\nchannels_bus_reconnects_total 1\n/.test(await metrics()), 10_000, "the node on the demoted master reconnected");
+      await waitFor(async () => (await fetch(`${stayed.url}/readyz`)).status === 200, 10_000, "ready again");
+      await post(stayed, { msg: "after", channel: "admin" });
+      await exactly(noa, ["after"]);
+      noa.close();
+    } finally {
+      await fresh.stop();
+    }
+  } finally {
+    await name.close();
+    await stayed.stop();
+    await old.stop();
+    await promoted.stop();
+  }
+});
+
 // A coordinated failover (a managed Redis's maintenance) demotes a master
 // that stays up: it ends the sharded subscriptions of its slots with a push
 // and sends the publishes elsewhere. Before the bus treated that push as a

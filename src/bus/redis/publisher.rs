@@ -35,8 +35,15 @@ const JOBS_AT_ONCE: usize = 4096;
 /// holds Redis for its whole run (5–8 µs per notification), so a large
 /// batch goes as several calls, one after the other.
 const SCRIPT_ITEMS: usize = 100;
-/// How often the node's heartbeat is written.
+/// How often the node's heartbeat is written. With recovery off nobody
+/// reads it, but it is still the node's one regular write: a master
+/// demoted with its connections kept answers it `READONLY` (and the node
+/// reconnects), where it takes a `PUBLISH` and delivers it only to its own
+/// subscribers.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a heartbeat is kept with recovery off, when no session is
+/// judged by it.
+const HEARTBEAT_KEPT: Duration = Duration::from_secs(3);
 
 /// One job for the [`Publisher`].
 pub enum Job {
@@ -76,7 +83,6 @@ impl Publisher {
     pub async fn run(shared: Arc<Shared>, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
         let mut in_flight = FuturesUnordered::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        let beats = shared.recovery.is_some();
         loop {
             tokio::select! {
                 // Sends what was just pushed, and answers what Redis answered.
@@ -94,7 +100,7 @@ impl Publisher {
                         in_flight.push(Self::send(&shared, connection.clone(), generation, call));
                     });
                 }
-                _ = heartbeat.tick(), if beats => {
+                _ = heartbeat.tick() => {
                     let (connection, generation) = shared.connection();
                     in_flight.push(Self::send(&shared, connection, generation, Call::Write(beat(&shared, false))));
                 }
@@ -106,15 +112,13 @@ impl Publisher {
             in_flight.push(Self::send(&shared, connection.clone(), generation, call));
         });
         while in_flight.next().await.is_some() {}
-        if beats {
-            Self::send(
-                &shared,
-                connection,
-                generation,
-                Call::Write(beat(&shared, true)),
-            )
-            .await;
-        }
+        Self::send(
+            &shared,
+            connection,
+            generation,
+            Call::Write(beat(&shared, true)),
+        )
+        .await;
     }
 
     /// One call, its outcomes handed to whoever waits.
@@ -291,14 +295,12 @@ fn script_call(
 /// The node's heartbeat, kept for the retention so recovery can judge a
 /// session whose node died after that node's last beat.
 pub(super) fn beat(shared: &Shared, stopped: bool) -> redis::Cmd {
-    let retention = shared
-        .recovery
-        .map_or(0, |r| r.retention.as_millis() as u64);
+    let kept = shared.recovery.map_or(HEARTBEAT_KEPT, |r| r.retention);
     let mut command = redis::cmd("SET");
     command
         .arg(Keys(&shared.prefix).heartbeat(shared.node))
         .arg(heartbeat_value(recovery::now_ms(), stopped))
         .arg("PX")
-        .arg(retention.max(1));
+        .arg((kept.as_millis() as u64).max(1));
     command
 }
