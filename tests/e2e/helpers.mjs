@@ -366,6 +366,28 @@ export async function startRedisCluster({ replicas = 0 } = {}) {
     signal(port, signal) {
       servers.get(port).child.kill(signal);
     },
+    /**
+     * Moves `key`'s slot and its keys to another master, as `redis-cli
+     * --cluster reshard` does; returns that master's port.
+     */
+    migrate(key) {
+      const from = this.master(key);
+      const masters = nodes(alive()).filter((node) => node.flags.includes("master")).map((node) => node.port);
+      const to = masters.find((port) => port !== from);
+      const slot = cli(from, "CLUSTER", "KEYSLOT", key).trim();
+      const id = (port) => cli(port, "CLUSTER", "MYID").trim();
+      cli(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", id(from));
+      cli(from, "CLUSTER", "SETSLOT", slot, "MIGRATING", id(to));
+      for (let round = 0; round < 100; round++) {
+        const keys = cli(from, "CLUSTER", "GETKEYSINSLOT", slot, "100").split("\n").filter(Boolean);
+        if (keys.length === 0) break;
+        cli(from, "MIGRATE", "127.0.0.1", String(to), "", "0", "5000", "KEYS", ...keys);
+      }
+      for (const port of [to, from, ...masters.filter((port) => port !== to && port !== from)]) {
+        cli(port, "CLUSTER", "SETSLOT", slot, "NODE", id(to));
+      }
+      return to;
+    },
     async stop() {
       for (const server of servers.values()) {
         server.child.kill("SIGCONT");

@@ -698,27 +698,36 @@ test("a master demoted without losing its connections, recovery off: the node le
 });
 
 // A coordinated failover (a managed Redis's maintenance) demotes a master
-// that stays up: it ends the sharded subscriptions of its slots with a push
-// and sends the publishes elsewhere. Before the bus treated that push as a
-// loss, every socket of those topics missed all that followed, each
-// publish answered 200.
-for (const [mode, env, topic] of [
+// that stays up, and a slot migration (resharding) moves a slot to another
+// master: either way the master that stops serving the slot ends its
+// sharded subscriptions with a push, and the publishes go elsewhere.
+// Before the bus treated that push as a loss, every socket of those topics
+// missed all that followed, each publish answered 200.
+const moves = [
+  ["coordinated failover", { replicas: 1 }, async (redis, topic) => {
+    const replica = redis.replicaOf(redis.master(topic));
+    assert.match(redis.cli(replica, "CLUSTER", "FAILOVER"), /OK/);
+    await waitFor(() => redis.master(topic) === replica, 10_000, "the replica promoted");
+  }],
+  ["slot migration", {}, async (redis, topic) => {
+    const to = redis.migrate(topic);
+    assert.equal(redis.master(topic), to);
+  }],
+];
+for (const [move, cluster, moveSlot] of moves) for (const [mode, env, topic] of [
   ["recovery on", {}, "{channels}:c:admin"],
   ["recovery off", { CHANNELS_RECOVERY_WINDOW: "0" }, "channels:c:admin"],
-]) test(`a Redis Cluster's coordinated failover, ${mode}: a socket that stayed receives everything answered 200 after it`, async () => {
-  const redis = await startRedisCluster({ replicas: 1 });
+]) test(`a Redis Cluster's ${move}, ${mode}: a socket that stayed receives everything answered 200 after it`, async () => {
+  const redis = await startRedisCluster(cluster);
   const node = await readyNode(redis, env);
   try {
     const noa = await frontend(node, node, "noa", "admin", ["websocket"]);
     await post(node, { msg: "before", channel: "admin" });
     await exactly(noa, ["before"]);
-    const master = redis.master(topic);
-    const replica = redis.replicaOf(master);
-    assert.match(redis.cli(replica, "CLUSTER", "FAILOVER"), /OK/);
-    await waitFor(() => redis.master(topic) === replica, 10_000, "the replica promoted");
+    await moveSlot(redis, topic);
     const sent = [];
     for (let i = 1; i <= 5; i++) {
-      await postThrough(node, { msg: `after ${i}`, channel: "admin" }, `${mode.replace(" ", "-")}-${i}`);
+      await postThrough(node, { msg: `after ${i}`, channel: "admin" }, `${move}-${mode}-${i}`.replaceAll(" ", "-"));
       sent.push(`after ${i}`);
     }
     await exactly(noa, ["before", ...sent]);
