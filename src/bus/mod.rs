@@ -27,7 +27,7 @@ use crate::{
     config::Config,
     idempotency::{Answer, Claim, IdempotencyKey},
     metrics::Metrics,
-    notification::{Channel, KeycloakId, Notification},
+    notification::{Channel, KeycloakId, Notification, Target},
     presence::{Presence, Query},
     recovery::{Ended, NodeId, NotRecoverable, Offset, Session},
 };
@@ -59,6 +59,13 @@ pub trait Deliver: Send + Sync + 'static {
 
     /// What this node has of a presence question.
     fn presence(&self, query: &Query) -> Presence;
+
+    /// The sockets of `targets` (channels and users) missed what this node
+    /// cannot deliver whole and in order: closes their connections before
+    /// anything more is written to them, their sessions ended at `at_ms`
+    /// (when the node lost its bus), so each client reconnects and
+    /// recovers from there, or is told it did not; how many.
+    fn reconnect(&self, targets: &[Target], at_ms: u64) -> usize;
 }
 
 /// What every node answered to a request: the sum of their counts, and

@@ -320,7 +320,7 @@ impl Member {
         {
             gateway.bus.unsubscribe_socket(&self.user, &self.channel);
             let ended = match gateway.closing.remove(&socket.id) {
-                Some(_) => Ended::Closed,
+                Some((_, ended)) => ended,
                 None => Ended::At(recovery::now_ms()),
             };
             if let Some(session) = &self.session {

@@ -15,7 +15,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use dashmap::DashSet;
+use dashmap::{DashSet, mapref::entry::Entry};
+use futures_util::FutureExt;
 use socketioxide::{SocketError, extract::SocketRef, socket::Sid};
 use tokio_util::task::TaskTracker;
 
@@ -27,7 +28,7 @@ use crate::{
     metrics::Metrics,
     notification::{Channel, KeycloakId, Notification, Target, now_us},
     presence::{Presence, Query},
-    recovery::Offset,
+    recovery::{Ended, Offset},
 };
 
 /// How often [`disconnect_slow`] retries the DISCONNECT of a slow client.
@@ -110,7 +111,7 @@ impl Deliver for Delivery {
         self.registry.lookup(&target, &mut sockets);
         let mut closed = 0;
         for Recipient { socket, .. } in sockets {
-            self.closing.insert(socket.id);
+            self.closing.insert(socket.id, Ended::Closed);
             // The client sees "io server disconnect" and does not reconnect.
             match socket.clone().disconnect() {
                 Ok(()) => closed += 1,
@@ -133,6 +134,31 @@ impl Deliver for Delivery {
 
     fn presence(&self, query: &Query) -> Presence {
         self.registry.presence(query)
+    }
+
+    fn reconnect(&self, targets: &[Target], at_ms: u64) -> usize {
+        let mut sockets = Vec::new();
+        for target in targets {
+            self.registry.lookup(target, &mut sockets);
+        }
+        let mut closed = 0;
+        for Recipient { socket, .. } in sockets {
+            // Once per socket (it may be in a channel and a user closed
+            // together), and not one `POST /disconnect` is closing for good.
+            let Entry::Vacant(entry) = self.closing.entry(socket.id) else {
+                continue;
+            };
+            entry.insert(Ended::At(at_ms));
+            // The first poll queues engine.io's close packet, ahead of
+            // whatever is written to the socket later, which its client
+            // then never reads; the rest only waits for the transport.
+            let _ = socket.close_underlying_transport().now_or_never();
+            closed += 1;
+        }
+        if closed > 0 {
+            tracing::info!(sockets = closed, "sockets closed to reconnect and recover");
+        }
+        closed
     }
 
     fn deliver(&self, offset: Offset, notification: &Notification) -> usize {

@@ -24,7 +24,7 @@ use crate::{
     config::Config,
     metrics::Metrics,
     notification::{KeycloakId, Target},
-    recovery::{NodeId, Pids},
+    recovery::{Ended, NodeId, Pids},
     registry::Registry,
 };
 
@@ -93,11 +93,13 @@ fn take_over(
     found
 }
 
-/// Sockets being closed by `POST /disconnect`: their disconnect handler
-/// records their session as closed for good (not recoverable), where any
-/// other way out records when it ended. Each sid is in it only between
-/// [`Delivery`]'s disconnect and that handler.
-pub type Closing = Arc<dashmap::DashSet<Sid>>;
+/// Sockets this node is closing on purpose, and how their sessions end:
+/// closed for good (not recoverable) by `POST /disconnect`, or ended when
+/// the node lost its bus, by a catch-up that cannot give them all they
+/// missed. Their disconnect handler records that, where any other way out
+/// records when the socket left. Each sid is in it only between
+/// [`Delivery`]'s close and that handler.
+pub type Closing = Arc<DashMap<Sid, Ended>>;
 
 /// What the socket.io handlers share, given to socketioxide as its state.
 #[derive(Clone)]

@@ -587,25 +587,85 @@ async function lostByOneNode(a, b, away, back) {
   mia.close();
 }
 
-test("a node that lost Redis while the others did not: once back, its sockets receive what was posted meanwhile, exactly once, in order", async () => {
+/**
+ * Node a on a Redis through a proxy that can cut it off (`away`, `back`),
+ * node b on the same Redis directly, both with `env`; runs `scene`.
+ */
+async function oneNodeCutOff(env, scene, { redisConfig = [] } = {}) {
   const redis = await startRedis();
-  // Node a reaches Redis through a proxy that cuts its connections.
+  if (redisConfig.length) execFileSync("redis-cli", ["-p", String(redis.port), "CONFIG", "SET", ...redisConfig]);
   const link = await startProxy({ url: redis.url.replace("redis:", "http:") });
-  const a = await readyNode({ env: { CHANNELS_REDIS_URL: link.url.replace("http:", "redis:") } });
-  const b = await readyNode(redis);
+  const a = await readyNode({ env: { CHANNELS_REDIS_URL: link.url.replace("http:", "redis:"), ...env } });
+  const b = await readyNode(redis, env);
+  const away = async () => {
+    link.pause();
+    link.cut();
+    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 503, 5000, "a not ready");
+  };
   try {
-    const away = async () => {
-      link.pause();
-      link.cut();
-      await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 503, 5000, "a not ready");
-    };
-    await lostByOneNode(a, b, away, async () => link.resume());
+    await scene(a, b, away, async () => link.resume());
   } finally {
     await link.close();
     await a.stop();
     await b.stop();
     await redis.stop();
   }
+}
+
+test("a node that lost Redis while the others did not: once back, its sockets receive what was posted meanwhile, exactly once, in order", async () => {
+  await oneNodeCutOff({}, lostByOneNode);
+});
+
+// What the history cannot give whole is never delivered in part: here a
+// user got more than the max missed while node a was away, and its stream
+// was trimmed (exactly: one entry per stream node). Node a closes that
+// user's socket before it writes anything more to it; its client
+// reconnects and is told it did not recover. The others catch up.
+test("a node that lost Redis while its sockets missed more than the history gives whole: those sockets reconnect, not recovered, and the others catch up", async () => {
+  const max = { CHANNELS_RECOVERY_MAX_MISSED: "3" };
+  await oneNodeCutOff(max, async (a, b, away, back) => {
+    const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
+    const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
+    await post(b, { msg: "before", channel: "admin" });
+    await exactly(noa, ["before"]);
+    await away();
+    for (let i = 1; i <= 4; i++) await post(b, { msg: `for noa ${i}`, keycloak: "noa" });
+    await post(b, { msg: "for mia", keycloak: "mia", channel: "b2b" });
+    await back();
+    await waitFor(() => noa.connected && noa.recoveries.length === 2, 15_000, "noa back");
+    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 200, 15_000, "a ready again");
+    await post(b, { msg: "after", keycloak: "noa" });
+    await post(b, { msg: "after", keycloak: "mia" });
+    await exactly(noa, ["before", "after"]);
+    await exactly(mia, ["for mia", "after"]);
+    assert.deepEqual([noa.recoveries, mia.recoveries], [[false, false], [false]]);
+    noa.close();
+    mia.close();
+  }, { redisConfig: ["stream-node-max-entries", "1"] });
+});
+
+// Away longer than the retention (window, ping interval and timeout: 3 s
+// here), a stream that got nothing newer may have expired: node a cannot
+// tell what its sockets missed, so every one of them reconnects, ended as
+// of the loss, which is past the window: not recovered.
+test("a node that lost Redis for longer than the retention while the others posted: every socket of it reconnects, not recovered", async () => {
+  const short = { CHANNELS_RECOVERY_WINDOW: "1", CHANNELS_PING_INTERVAL: "1", CHANNELS_PING_TIMEOUT: "1" };
+  await oneNodeCutOff(short, async (a, b, away, back) => {
+    const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
+    const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
+    await away();
+    await post(b, { msg: "while a was away", keycloak: "mia", channel: "b2b" });
+    await sleep(3500);
+    await back();
+    await waitFor(() => [noa, mia].every((s) => s.connected && s.recoveries.length === 2), 15_000, "both back");
+    await post(b, { msg: "after", channel: "admin" });
+    await post(b, { msg: "after", keycloak: "mia" });
+    await exactly(noa, ["after"]);
+    await exactly(mia, ["after"]);
+    assert.deepEqual([noa.recoveries, mia.recoveries], [[false, false], [false, false]]);
+    noa.close();
+    mia.close();
+  });
 });
 
 // A Redis Cluster client finds each master's address itself, so a proxy

@@ -5,20 +5,28 @@
 //! that is away: this node's sockets, still connected, would miss all of
 //! it, each publish answered `200`. With recovery on, all of it is in the
 //! history. So when the connection is lost the [`super::subscriber`] notes
-//! the last offset it delivered ([`super::Shared::received`]); on the new
-//! connection it [`Hold`]s what arrives while [`catch_up`] reads, from the
-//! streams of every topic it subscribed again, the entries after that
-//! offset up to the sequence's value once the subscriptions are confirmed,
-//! and delivers them in offset order; then what it held that is newer.
-//! Each socket gets what it missed exactly once, in order, before anything
-//! newer, as if the connection had never dropped.
+//! the last offset it delivered ([`super::Shared::received`]) and when
+//! ([`Gap`]); on the new connection it [`Hold`]s what arrives while
+//! [`catch_up`] reads, from the streams of every topic it subscribed again,
+//! the entries after that offset up to the sequence's value once the
+//! subscriptions are confirmed, and delivers them in offset order; then
+//! what it held that is newer. Each socket gets what it missed exactly
+//! once, in order, before anything newer, as if the connection had never
+//! dropped.
 //!
-//! Limits: a stream keeps `CHANNELS_RECOVERY_MAX_MISSED` entries, so a
-//! target that got more than that while the node was away gets the newest
-//! of them. A socket that connected while the bus was away gets what its
-//! topics received since the loss, some of it perhaps from before it
-//! connected. Standalone nothing is ever lost this way; with recovery off
-//! there is no history to read.
+//! Never in part: where the history cannot give all of it (a stream
+//! trimmed past the offset, at `CHANNELS_RECOVERY_MAX_MISSED` entries;
+//! keys evicted by Redis; the node away longer than the retention, so that
+//! a stream with nothing newer may have expired), or where the catch-up
+//! would hold more than [`MAX_CAUGHT_UP`] notifications, the sockets of the
+//! targets concerned are closed before anything more is written to them,
+//! their sessions ended as of the loss: each client reconnects and
+//! recovers from there, or learns it did not (`recovered` false).
+//!
+//! A socket that connected while the bus was away gets what its topics
+//! received since the loss, some of it perhaps from before it connected.
+//! Standalone nothing is ever lost this way; with recovery off there is no
+//! history to read.
 
 use std::{
     collections::BTreeMap,
@@ -28,20 +36,51 @@ use std::{
     },
 };
 
-use redis::Value;
+use tokio::time::Instant;
 
 use super::{
     Shared,
     connection::Connection,
-    history::{Keys, decode_entry, topic_stream},
+    history::{CATCH_UP_SCRIPT, Keys, decode_catch_up, topic_target},
 };
-use crate::{notification::Notification, recovery::Offset};
+use crate::{
+    bus::history::StreamKey,
+    notification::{Notification, Target},
+    recovery::Offset,
+};
 
-/// Streams read per pipelined round trip.
-const STREAMS_PER_CALL: usize = 512;
+/// Streams read per script call: a stream holds about
+/// `CHANNELS_RECOVERY_MAX_MISSED` entries (1,000 by default) at most, so
+/// one call's answer stays within some megabytes.
+const STREAMS_PER_CALL: usize = 64;
+/// The most notifications one catch-up holds; past it, every socket of the
+/// node reconnects and recovers on its own instead, each read bounded by
+/// `CHANNELS_RECOVERY_MAX_MISSED`.
+pub const MAX_CAUGHT_UP: usize = 100_000;
 
 /// A notification from the bus and its offset.
 type Message = (Offset, Notification);
+
+/// Where a lost connection left this node: the last offset it delivered,
+/// and when the connection was lost, by the clock that times the gap and
+/// by the wall clock that sessions' ends are recorded in.
+#[derive(Clone, Copy, Debug)]
+pub struct Gap {
+    pub after: Offset,
+    pub since: Instant,
+    pub at_ms: u64,
+}
+
+/// What a catch-up read.
+pub struct CaughtUp {
+    /// The sequence's value it read up to: what was held above it is new.
+    pub until: Offset,
+    /// What the sockets of the complete targets missed, in offset order.
+    pub missed: BTreeMap<Offset, Arc<Notification>>,
+    /// The targets whose sockets missed what the history cannot give
+    /// whole: they must reconnect before anything more is written to them.
+    pub incomplete: Vec<Target>,
+}
 
 /// The deliveries of a new subscription connection, held while the
 /// catch-up runs, then let through. Once let through, a delivery reads one
@@ -94,59 +133,89 @@ impl Hold {
     }
 }
 
-/// Reads what `topics` received after `after` and hands it to `deliver` in
-/// offset order; returns the offset it read up to, above which what was
-/// held is new. Run once the subscriptions are confirmed, so everything
-/// published later reaches the connection.
+/// Reads what `topics` received after the gap, up to the sequence's value
+/// now. Run once the subscriptions are confirmed, so everything published
+/// later reaches the connection.
 pub async fn catch_up(
     shared: &Shared,
     connection: &mut Connection,
     topics: &[String],
-    after: Offset,
-    mut deliver: impl FnMut(Offset, &Notification),
-) -> redis::RedisResult<Offset> {
+    gap: Gap,
+) -> redis::RedisResult<CaughtUp> {
     let keys = Keys(&shared.prefix);
     let until: Option<String> = connection
         .query(redis::cmd("GET").arg(keys.sequence()))
         .await?;
     let until: Offset = until.and_then(|s| s.parse().ok()).unwrap_or(0);
-    if until <= after {
-        return Ok(until);
+    let mut caught = CaughtUp {
+        until,
+        missed: BTreeMap::new(),
+        incomplete: Vec::new(),
+    };
+    shared.received.fetch_max(until, Ordering::AcqRel);
+    if until <= gap.after {
+        return Ok(caught);
     }
-    let streams: Vec<String> = topics
+    let settings = shared.recovery.expect("a catch-up needs recovery on");
+    let targets: Vec<Target> = topics
         .iter()
-        .filter_map(|topic| topic_stream(&shared.prefix, topic))
+        .filter_map(|topic| topic_target(&shared.prefix, topic))
         .collect();
-    let mut missed = BTreeMap::new();
-    for chunk in streams.chunks(STREAMS_PER_CALL) {
-        let mut pipeline = redis::pipe();
-        for stream in chunk {
-            pipeline
-                .cmd("XRANGE")
-                .arg(stream)
-                .arg(format!("({after}-0"))
-                .arg(format!("{until}-0"));
+    let mut unread = targets.as_slice();
+    // Away longer than the retention, a stream that got nothing newer since
+    // may have expired, and one written again since then restarted empty.
+    let expired = gap.since.elapsed() > settings.retention;
+    let mut evicted = false;
+    while !expired && !evicted && !unread.is_empty() {
+        let (chunk, rest) = unread.split_at(unread.len().min(STREAMS_PER_CALL));
+        let mut invocation = CATCH_UP_SCRIPT.prepare_invoke();
+        invocation
+            .key(keys.sequence())
+            .key(keys.epoch())
+            .key(keys.evicted());
+        for target in chunk {
+            invocation.key(keys.stream(&StreamKey::of(target)));
         }
-        for reply in connection.pipeline(&pipeline).await? {
-            let Value::Array(entries) = reply else {
-                continue;
-            };
-            missed.extend(entries.iter().filter_map(decode_entry));
+        invocation.arg(gap.after).arg(until).arg(MAX_CAUGHT_UP + 1);
+        let reply = connection.invoke::<redis::Value>(&invocation).await?;
+        let (evictions, reads) = decode_catch_up(reply, gap.after).ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Parse, "unexpected catch-up reply"))
+        })?;
+        evicted = evictions;
+        for (target, read) in chunk.iter().zip(reads) {
+            if read.trimmed_after {
+                caught.incomplete.push(target.clone());
+            } else {
+                caught.missed.extend(read.entries);
+            }
+        }
+        unread = rest;
+        if caught.missed.len() > MAX_CAUGHT_UP {
+            break;
         }
     }
-    if !missed.is_empty() {
+    if expired || evicted || caught.missed.len() > MAX_CAUGHT_UP {
+        // Every stream may lack something, or there is too much to hold:
+        // every socket reconnects and recovers on its own.
+        caught.missed.clear();
+        caught.incomplete = targets;
+    }
+    if !caught.incomplete.is_empty() {
+        tracing::warn!(
+            targets = caught.incomplete.len(),
+            "this node's sockets missed more while its bus was away than the history can give \
+             whole: the sockets of those targets reconnect and recover on their own"
+        );
+    }
+    if !caught.missed.is_empty() {
         tracing::info!(
-            notifications = missed.len(),
+            notifications = caught.missed.len(),
             "delivering what this node's sockets missed while its bus was away"
         );
         let handles = shared.metrics.handles();
-        handles.bus_caught_up.inc_by(missed.len() as u64);
+        handles.bus_caught_up.inc_by(caught.missed.len() as u64);
     }
-    for (offset, notification) in missed {
-        deliver(offset, &notification);
-    }
-    shared.received.fetch_max(until, Ordering::AcqRel);
-    Ok(until)
+    Ok(caught)
 }
 
 #[cfg(test)]

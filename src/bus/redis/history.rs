@@ -56,13 +56,18 @@ use std::sync::{Arc, LazyLock};
 
 use super::super::history::{Missed, Recovering, StreamKey, StreamRead};
 use crate::{
-    notification::Notification,
+    notification::{Channel, KeycloakId, Notification, Target},
     recovery::{Ended, NodeId, Offset, Origin, Session},
 };
 
 /// Lua, put before the history scripts:
 /// `clock_base()` is Redis's clock in ms × 1000, where a new sequence
-/// starts; `evicted_keys()` is Redis's count of evicted keys, as text.
+/// starts; `evicted_keys()` is Redis's count of evicted keys, as text;
+/// `check_evictions(sequence, epoch, evictions)` begins a new epoch when
+/// that count moved since it was recorded (see the module documentation)
+/// and returns whether it did; `read_stream(out, stream, from, to, count)`
+/// appends to `out` the stream's entries ever added, its length, its first
+/// id, and at most `count` of its entries from `from` to `to`.
 const PRELUDE: &str = r"
 local function clock_base()
   local now = redis.call('TIME')
@@ -70,6 +75,41 @@ local function clock_base()
 end
 local function evicted_keys()
   return string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''
+end
+local function check_evictions(sequence, epoch, evictions)
+  local evicted = evicted_keys()
+  local recorded = redis.call('GET', evictions)
+  if recorded == evicted then return false end
+  local began = false
+  if recorded or evicted ~= '0' then
+    local seq = redis.call('GET', sequence)
+    local base
+    if seq then
+      base = tonumber(seq) + 1
+    else
+      base = clock_base()
+    end
+    redis.call('SET', epoch, string.format('%.0f', base))
+    began = true
+  end
+  redis.call('SET', evictions, evicted)
+  return began
+end
+local function read_stream(out, stream, from, to, count)
+  if redis.call('EXISTS', stream) == 1 then
+    local info = redis.call('XINFO', 'STREAM', stream)
+    local fields = {}
+    for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
+    table.insert(out, fields['entries-added'])
+    table.insert(out, fields['length'])
+    table.insert(out, fields['recorded-first-entry-id'])
+    table.insert(out, redis.call('XRANGE', stream, from, to, 'COUNT', count))
+  else
+    table.insert(out, 0)
+    table.insert(out, 0)
+    table.insert(out, '0-0')
+    table.insert(out, {})
+  end
 end
 ";
 
@@ -156,37 +196,31 @@ pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
         &[
             PRELUDE,
             r"
-local evicted = evicted_keys()
-local recorded = redis.call('GET', KEYS[7])
-if recorded ~= evicted then
-  if recorded or evicted ~= '0' then
-    local seq = redis.call('GET', KEYS[6])
-    local base
-    if seq then
-      base = tonumber(seq) + 1
-    else
-      base = clock_base()
-    end
-    redis.call('SET', KEYS[3], string.format('%.0f', base))
-  end
-  redis.call('SET', KEYS[7], evicted)
-end
+check_evictions(KEYS[6], KEYS[3], KEYS[7])
 local out = { redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3]) }
 for i = 4, 5 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[i])
-    local fields = {}
-    for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
-    table.insert(out, fields['entries-added'])
-    table.insert(out, fields['length'])
-    table.insert(out, fields['recorded-first-entry-id'])
-    table.insert(out, redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2]))
-  else
-    table.insert(out, 0)
-    table.insert(out, 0)
-    table.insert(out, '0-0')
-    table.insert(out, {})
-  end
+  read_stream(out, KEYS[i], '(' .. ARGV[1] .. '-0', '+', ARGV[2])
+end
+return out
+",
+        ]
+        .concat(),
+    )
+});
+
+/// KEYS: the sequence, the epoch, the evictions record, then the streams
+/// to read. ARGV: the offset after which to read, the offset up to which,
+/// the most entries per stream. Returns whether Redis evicted keys since
+/// the evictions were recorded (a new epoch began: any stream may have
+/// lost entries), then per stream what [`RECOVER_SCRIPT`] returns of one.
+pub static CATCH_UP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            PRELUDE,
+            r"
+local out = { check_evictions(KEYS[1], KEYS[2], KEYS[3]) and 1 or 0 }
+for i = 4, #KEYS do
+  read_stream(out, KEYS[i], '(' .. ARGV[1] .. '-0', ARGV[2] .. '-0', ARGV[3])
 end
 return out
 ",
@@ -228,12 +262,21 @@ impl Keys<'_> {
     }
 }
 
-/// The stream that keeps what a notification topic carries
-/// (`{prefix}:c:{channel}` → `{prefix}:h:c:{channel}`, and so for a user);
-/// `None` for the bus's own topics (requests, replies, take-overs).
-pub fn topic_stream(prefix: &str, topic: &str) -> Option<String> {
+/// The target whose notifications a topic carries: a channel's
+/// (`{prefix}:c:{channel}`) or a user's (`{prefix}:u:{user}`), whose
+/// stream keeps them; `None` for the bus's own topics (requests, replies,
+/// take-overs).
+pub fn topic_target(prefix: &str, topic: &str) -> Option<Target> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix(':')?;
-    (rest.starts_with("c:") || rest.starts_with("u:")).then(|| format!("{prefix}:h:{rest}"))
+    match rest.split_once(':')? {
+        ("c", channel) => Some(Target::Channel {
+            channel: Channel::parse(channel).ok()?,
+        }),
+        ("u", user) => Some(Target::User {
+            keycloak: KeycloakId::parse(user).ok()?,
+        }),
+        _ => None,
+    }
 }
 
 /// The value of a session's end record.
@@ -292,6 +335,29 @@ pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverRe
             }
         }
     };
+    Some(RecoverReply {
+        ended,
+        origin,
+        reads: decode_reads(streams, recovering.after, lost)?,
+    })
+}
+
+/// Decodes [`CATCH_UP_SCRIPT`]'s answer: whether Redis evicted keys, and
+/// each stream's read after `after`; `None` when it is not of its shape.
+pub fn decode_catch_up(value: Value, after: Offset) -> Option<(bool, Vec<StreamRead>)> {
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let [evicted, streams @ ..] = parts.as_slice() else {
+        return None;
+    };
+    let evicted = integer(evicted)? == 1;
+    Some((evicted, decode_reads(streams, after, evicted)?))
+}
+
+/// Decodes `read_stream`'s four values per stream; with `lost`, every
+/// read counts as one that may lack something after `after`.
+fn decode_reads(streams: &[Value], after: Offset, lost: bool) -> Option<Vec<StreamRead>> {
     let mut reads = Vec::new();
     for stream in streams.chunks(4) {
         let [added, length, first, entries] = stream else {
@@ -302,7 +368,7 @@ pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverRe
         // Trimming drops the oldest entries, all of them before `first`:
         // something after the offset may be gone only if `first` is
         // beyond the entry right after the offset.
-        let trimmed_after = lost || (added > length && first.saturating_sub(1) > recovering.after);
+        let trimmed_after = lost || (added > length && first.saturating_sub(1) > after);
         let Value::Array(entries) = entries else {
             return None;
         };
@@ -315,11 +381,7 @@ pub fn decode_recover(value: Value, recovering: &Recovering) -> Option<RecoverRe
             trimmed_after,
         });
     }
-    Some(RecoverReply {
-        ended,
-        origin,
-        reads,
-    })
+    Some(reads)
 }
 
 /// One stream entry: `[id, ["n", payload]]`.
@@ -369,23 +431,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_topic_is_kept_in_the_stream_of_the_same_target() {
-        let keys = Keys("{channels}");
+    fn a_topic_carries_the_notifications_of_one_target() {
+        let target = |topic| topic_target("{channels}", topic);
         assert_eq!(
-            topic_stream("{channels}", "{channels}:c:admin"),
-            Some(keys.stream(&StreamKey::Channel(
-                crate::notification::Channel::parse("admin").unwrap()
-            )))
+            target("{channels}:c:admin"),
+            Some(Target::Channel {
+                channel: Channel::parse("admin").unwrap()
+            })
         );
+        // A keycloak id may hold a colon.
         assert_eq!(
-            topic_stream("{channels}", "{channels}:u:alice"),
-            Some(keys.stream(&StreamKey::User(
-                crate::notification::KeycloakId::parse("alice").unwrap()
-            )))
+            target("{channels}:u:alice:1"),
+            Some(Target::User {
+                keycloak: KeycloakId::parse("alice:1").unwrap()
+            })
         );
-        assert_eq!(topic_stream("{channels}", "{channels}:requests"), None);
-        assert_eq!(topic_stream("{channels}", "{channels}:replies:00ff"), None);
-        assert_eq!(topic_stream("{channels}", "{channels}:takeover"), None);
+        assert_eq!(target("{channels}:requests"), None);
+        assert_eq!(target("{channels}:replies:00ff"), None);
+        assert_eq!(target("{channels}:takeover"), None);
+        assert_eq!(target("other:c:admin"), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Shared,
-    catch_up::{Hold, catch_up},
+    catch_up::{Gap, Hold, catch_up},
     connection::{Connection, Connector, PushHandler},
     history::{EPOCH_SCRIPT, Keys, split_message},
     parse_takeover,
@@ -39,7 +39,11 @@ use super::{
     takeover_topic,
     topics::{Topics, UNSUBSCRIBE_DELAY},
 };
-use crate::{bus::Deliver, notification::Notification, recovery::Offset};
+use crate::{
+    bus::Deliver,
+    notification::Notification,
+    recovery::{self, Offset},
+};
 
 /// First and largest wait between two reconnection attempts (before jitter).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -86,10 +90,10 @@ pub struct Subscriber {
     /// Connection attempts so far; numbers the generations.
     pub attempts: u64,
     pub ever_connected: bool,
-    /// With recovery on, since the connection was lost: the last offset it
-    /// delivered, after which the sockets here may have missed what other
-    /// nodes published ([`super::catch_up`]).
-    pub gap: Option<Offset>,
+    /// With recovery on, since the connection was lost: where it left off,
+    /// after which the sockets here may have missed what other nodes
+    /// published ([`super::catch_up`]).
+    pub gap: Option<Gap>,
 }
 
 impl Subscriber {
@@ -191,7 +195,11 @@ impl Subscriber {
         self.shared.ready.store(false, Ordering::Release);
         self.shared.metrics.handles().bus_up.set(0);
         if self.shared.recovery.is_some() && self.gap.is_none() {
-            self.gap = Some(self.shared.received.load(Ordering::Acquire));
+            self.gap = Some(Gap {
+                after: self.shared.received.load(Ordering::Acquire),
+                since: Instant::now(),
+                at_ms: recovery::now_ms(),
+            });
         }
         self.shared.set_connection(None);
         self.connection = None;
@@ -232,14 +240,17 @@ impl Subscriber {
             for chunk in needed.chunks(SUBSCRIBE_CHUNK) {
                 subscriber.subscribe(chunk).await?;
             }
-            if let Some(after) = self.gap {
-                let shared = &self.shared;
-                let sink = &*self.sink;
-                let until = catch_up(shared, &mut publisher, &needed, after, |offset, n| {
-                    deliver(shared, sink, offset, n, false)
-                })
-                .await?;
-                hold.release(until, |offset, n| deliver(shared, sink, offset, &n, true));
+            if let Some(gap) = self.gap {
+                let (shared, sink) = (&self.shared, &*self.sink);
+                let caught = catch_up(shared, &mut publisher, &needed, gap).await?;
+                // Closed first, so nothing newer reaches them before.
+                sink.reconnect(&caught.incomplete, gap.at_ms);
+                for (offset, n) in &caught.missed {
+                    deliver(shared, sink, *offset, n, false);
+                }
+                hold.release(caught.until, |offset, n| {
+                    deliver(shared, sink, offset, &n, true)
+                });
             }
             Ok::<_, redis::RedisError>((publisher, subscriber))
         };
