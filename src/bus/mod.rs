@@ -64,8 +64,8 @@ pub trait Deliver: Send + Sync + 'static {
     /// cannot deliver whole and in order: closes their connections before
     /// anything more is written to them, their sessions ended at `at_ms`
     /// (when the node lost its bus), so each client reconnects and
-    /// recovers from there, or is told it did not; how many.
-    fn reconnect(&self, targets: &[Target], at_ms: u64) -> usize;
+    /// recovers from there, or is told it did not.
+    fn reconnect(&self, targets: &[Target], at_ms: u64);
 }
 
 /// What every node answered to a request: the sum of their counts, and

@@ -136,7 +136,7 @@ impl Deliver for Delivery {
         self.registry.presence(query)
     }
 
-    fn reconnect(&self, targets: &[Target], at_ms: u64) -> usize {
+    fn reconnect(&self, targets: &[Target], at_ms: u64) {
         let mut sockets = Vec::new();
         for target in targets {
             self.registry.lookup(target, &mut sockets);
@@ -158,7 +158,6 @@ impl Deliver for Delivery {
         if closed > 0 {
             tracing::info!(sockets = closed, "sockets closed to reconnect and recover");
         }
-        closed
     }
 
     fn deliver(&self, offset: Offset, notification: &Notification) -> usize {
