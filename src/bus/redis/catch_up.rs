@@ -18,7 +18,8 @@
 //! trimmed past the offset, at `CHANNELS_RECOVERY_MAX_MISSED` entries;
 //! keys evicted by Redis; the node away longer than the retention, so that
 //! a stream with nothing newer may have expired), or where the catch-up
-//! would hold more than [`MAX_CAUGHT_UP`] notifications, the sockets of the
+//! would hold more than [`MAX_CAUGHT_UP`] notifications (read from the
+//! history, or arriving while it reads), the sockets of the
 //! targets concerned are closed before anything more is written to them,
 //! their sessions ended as of the loss: each client reconnects and
 //! recovers from there, or learns it did not (`recovered` false).
@@ -84,20 +85,28 @@ pub struct CaughtUp {
 
 /// The deliveries of a new subscription connection, held while the
 /// catch-up runs, then let through. Once let through, a delivery reads one
-/// flag and takes no lock.
+/// flag and takes no lock. It holds at most [`MAX_CAUGHT_UP`]; past that it
+/// drops what arrives, and its release makes every socket reconnect.
 #[derive(Clone)]
-pub struct Hold(Arc<Held>);
+pub struct Hold(Arc<Holding>);
 
-struct Held {
+struct Holding {
     holding: AtomicBool,
-    messages: Mutex<Vec<Message>>,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    messages: Vec<Message>,
+    /// Something arrived past [`MAX_CAUGHT_UP`] and was dropped.
+    overflowed: bool,
 }
 
 impl Hold {
     pub fn new(holding: bool) -> Self {
-        Hold(Arc::new(Held {
+        Hold(Arc::new(Holding {
             holding: AtomicBool::new(holding),
-            messages: Mutex::new(Vec::new()),
+            held: Mutex::default(),
         }))
     }
 
@@ -109,10 +118,14 @@ impl Hold {
         deliver: impl FnOnce(Offset, Notification),
     ) {
         if self.0.holding.load(Ordering::Acquire) {
-            let mut messages = self.0.messages.lock().unwrap_or_else(|p| p.into_inner());
+            let mut held = self.0.held.lock().unwrap_or_else(|p| p.into_inner());
             // Checked again under the lock: a release may have just ended.
             if self.0.holding.load(Ordering::Acquire) {
-                messages.push((offset, notification));
+                if held.messages.len() < MAX_CAUGHT_UP {
+                    held.messages.push((offset, notification));
+                } else {
+                    held.overflowed = true;
+                }
                 return;
             }
         }
@@ -121,12 +134,27 @@ impl Hold {
 
     /// Delivers what was held after `after` (the rest was in the catch-up),
     /// then lets everything through. Under the lock, so nothing that
-    /// arrives meanwhile overtakes it.
-    pub fn release(&self, after: Offset, mut deliver: impl FnMut(Offset, Notification)) {
-        let mut messages = self.0.messages.lock().unwrap_or_else(|p| p.into_inner());
-        for (offset, notification) in std::mem::take(&mut *messages) {
-            if offset > after {
-                deliver(offset, notification);
+    /// arrives meanwhile overtakes it. If it held too much, calls
+    /// `overflowed` instead, which must close every socket first: the
+    /// dropped deliveries are in the history, and their clients recover them.
+    pub fn release(
+        &self,
+        after: Offset,
+        overflowed: impl FnOnce(),
+        mut deliver: impl FnMut(Offset, Notification),
+    ) {
+        let mut held = self.0.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Held {
+            messages,
+            overflowed: dropped,
+        } = std::mem::take(&mut *held);
+        if dropped {
+            overflowed();
+        } else {
+            for (offset, notification) in messages {
+                if offset > after {
+                    deliver(offset, notification);
+                }
             }
         }
         self.0.holding.store(false, Ordering::Release);
@@ -241,9 +269,25 @@ mod tests {
         }
         assert!(delivered.is_empty());
         // 4 and 5 came with the catch-up, which read up to 5.
-        hold.release(5, |o, _| delivered.push(o));
+        hold.release(5, || unreachable!(), |o, _| delivered.push(o));
         hold.pass(7, notification(7), |o, _| delivered.push(o));
         assert_eq!(delivered, [6, 7]);
+    }
+
+    #[test]
+    fn a_hold_that_held_too_much_delivers_none_of_it() {
+        let hold = Hold::new(true);
+        let mut delivered = Vec::new();
+        for offset in 1..=MAX_CAUGHT_UP as u64 + 1 {
+            hold.pass(offset, notification(offset), |o, _| delivered.push(o));
+        }
+        let mut overflowed = false;
+        hold.release(0, || overflowed = true, |o, _| delivered.push(o));
+        assert!(overflowed);
+        assert!(delivered.is_empty());
+        // Open afterwards.
+        hold.pass(7, notification(7), |o, _| delivered.push(o));
+        assert_eq!(delivered, [7]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use super::{
     Shared,
     catch_up::{Gap, Hold, catch_up},
     connection::{Connection, Connector, PushHandler},
-    history::{EPOCH_SCRIPT, Keys, split_message},
+    history::{EPOCH_SCRIPT, Keys, split_message, topic_target},
     parse_takeover,
     publisher::beat,
     requests::{
@@ -248,7 +248,14 @@ impl Subscriber {
                 for (offset, n) in &caught.missed {
                     deliver(shared, sink, *offset, n, false);
                 }
-                hold.release(caught.until, |offset, n| {
+                let everyone = || {
+                    let targets: Vec<_> = needed
+                        .iter()
+                        .filter_map(|topic| topic_target(&shared.prefix, topic))
+                        .collect();
+                    sink.reconnect(&targets, gap.at_ms);
+                };
+                hold.release(caught.until, everyone, |offset, n| {
                     deliver(shared, sink, offset, &n, true)
                 });
             }
