@@ -346,7 +346,10 @@ export async function startRedisCluster({ replicas = 0 } = {}) {
   return {
     env: { CHANNELS_REDIS_URL: urls, CHANNELS_REDIS_CLUSTER: "true" },
     cli,
-    /** The port of the master that serves `key`'s slot now. */
+    /**
+     * The port of the master that serves `key`'s slot now; undefined while
+     * a failover leaves the slot to no master in the view asked.
+     */
     master(key) {
       const slot = Number(cli(alive(), "CLUSTER", "KEYSLOT", key));
       const owner = nodes(alive()).find((node) =>
@@ -355,7 +358,7 @@ export async function startRedisCluster({ replicas = 0 } = {}) {
           const [from, to = from] = range.split("-").map(Number);
           return from <= slot && slot <= to;
         }));
-      return owner.port;
+      return owner?.port;
     },
     /** The port of a replica of the master on `port`. */
     replicaOf(port) {
