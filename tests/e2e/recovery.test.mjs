@@ -698,29 +698,46 @@ test("a node that lost its Redis Cluster connections while the others did not: o
   }
 });
 
-test("a master demoted without losing its connections (one DNS name moved to the new master): the node reconnects and serves again", async () => {
+/**
+ * A master `old` and a Redis `promoted`, with a proxy that plays their one
+ * DNS name (`viaName`, a node's env); `demote()` makes `old` a replica of
+ * `promoted`, keeping its connections, and points the name at `promoted`.
+ */
+async function demotedMaster(scene) {
   const old = await startRedis();
   const promoted = await startRedis();
-  // The proxy plays the DNS name: new connections go where it points.
   const name = await startProxy({ url: old.url.replace("redis:", "http:") });
-  const node = await readyNode({ env: { CHANNELS_REDIS_URL: name.url.replace("http:", "redis:") } });
-  try {
-    const noa = await frontend(node, node, "noa", "admin", ["websocket"]);
-    await post(node, { msg: "before", channel: "admin" });
-    await exactly(noa, ["before"]);
+  const viaName = { CHANNELS_REDIS_URL: name.url.replace("http:", "redis:") };
+  const demote = () => {
     execFileSync("redis-cli", ["-p", String(old.port), "REPLICAOF", "127.0.0.1", String(promoted.port)]);
     name.to({ url: promoted.url.replace("redis:", "http:") });
-    // Its writes now fail with READONLY on the old master (its heartbeat's
-    // within a second): the node reconnects, through the name, to the new one.
-    await postThrough(node, { msg: "after", channel: "admin" }, "after-demotion");
-    await exactly(noa, ["before", "after"]);
-    noa.close();
+  };
+  try {
+    await scene({ viaName, promoted, demote });
   } finally {
     await name.close();
-    await node.stop();
     await old.stop();
     await promoted.stop();
   }
+}
+
+test("a master demoted without losing its connections (one DNS name moved to the new master): the node reconnects and serves again", async () => {
+  await demotedMaster(async ({ viaName, demote }) => {
+    const node = await readyNode({ env: viaName });
+    try {
+      const noa = await frontend(node, node, "noa", "admin", ["websocket"]);
+      await post(node, { msg: "before", channel: "admin" });
+      await exactly(noa, ["before"]);
+      demote();
+      // Its writes now fail with READONLY on the old master (its heartbeat's
+      // within a second): the node reconnects, through the name, to the new one.
+      await postThrough(node, { msg: "after", channel: "admin" }, "after-demotion");
+      await exactly(noa, ["before", "after"]);
+      noa.close();
+    } finally {
+      await node.stop();
+    }
+  });
 });
 
 // With recovery off a node publishes with a bare PUBLISH, which a replica
@@ -728,17 +745,14 @@ test("a master demoted without losing its connections (one DNS name moved to the
 // demoted master published into the void, each call answered 200, and
 // never noticed. Its heartbeat, a write, is answered READONLY.
 test("a master demoted without losing its connections, recovery off: the node left on it reconnects within seconds, and what it publishes then reaches the other nodes", async () => {
-  const old = await startRedis();
-  const promoted = await startRedis();
-  const name = await startProxy({ url: old.url.replace("redis:", "http:") });
-  const off = { CHANNELS_RECOVERY_WINDOW: "0" };
-  const stayed = await readyNode({ env: { CHANNELS_REDIS_URL: name.url.replace("http:", "redis:"), ...off } });
-  try {
-    execFileSync("redis-cli", ["-p", String(old.port), "REPLICAOF", "127.0.0.1", String(promoted.port)]);
-    name.to({ url: promoted.url.replace("redis:", "http:") });
-    // A node started after the failover is on the new master.
-    const fresh = await readyNode(promoted, off);
+  await demotedMaster(async ({ viaName, promoted, demote }) => {
+    const off = { CHANNELS_RECOVERY_WINDOW: "0" };
+    const stayed = await readyNode({ env: { ...viaName, ...off } });
+    // A node started after the demotion is on the new master.
+    let fresh;
     try {
+      demote();
+      fresh = await readyNode(promoted, off);
       const noa = await frontend(fresh, fresh, "noa", "admin", ["websocket"]);
       const metrics = async () => (await fetch(`${stayed.url}/metrics`)).text();
       await waitFor(async () => /\nchannels_bus_reconnects_total 1\n/.test(await metrics()), 10_000, "the node on the demoted master reconnected");
@@ -747,14 +761,10 @@ test("a master demoted without losing its connections, recovery off: the node le
       await exactly(noa, ["after"]);
       noa.close();
     } finally {
-      await fresh.stop();
+      await fresh?.stop();
+      await stayed.stop();
     }
-  } finally {
-    await name.close();
-    await stayed.stop();
-    await old.stop();
-    await promoted.stop();
-  }
+  });
 });
 
 // A coordinated failover (a managed Redis's maintenance) demotes a master

@@ -161,6 +161,14 @@ impl Hold {
     }
 }
 
+/// The targets whose notifications `topics` carry (not the bus's own).
+pub fn targets(prefix: &str, topics: &[String]) -> Vec<Target> {
+    topics
+        .iter()
+        .filter_map(|topic| topic_target(prefix, topic))
+        .collect()
+}
+
 /// Reads what `topics` received after the gap, up to the sequence's value
 /// now. Run once the subscriptions are confirmed, so everything published
 /// later reaches the connection.
@@ -185,10 +193,7 @@ pub async fn catch_up(
         return Ok(caught);
     }
     let settings = shared.recovery.expect("a catch-up needs recovery on");
-    let targets: Vec<Target> = topics
-        .iter()
-        .filter_map(|topic| topic_target(&shared.prefix, topic))
-        .collect();
+    let targets = targets(&shared.prefix, topics);
     let mut unread = targets.as_slice();
     // Away longer than the retention, a stream that got nothing newer since
     // may have expired, and one written again since then restarted empty.

@@ -28,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Shared,
-    catch_up::{Gap, Hold, catch_up},
+    catch_up::{Gap, Hold, catch_up, targets},
     connection::{Connection, Connector, PushHandler},
-    history::{EPOCH_SCRIPT, Keys, split_message, topic_target},
+    history::{EPOCH_SCRIPT, Keys, split_message},
     parse_takeover,
     publisher::beat,
     requests::{
@@ -248,13 +248,7 @@ impl Subscriber {
                 for (offset, n) in &caught.missed {
                     deliver(shared, sink, *offset, n, false);
                 }
-                let everyone = || {
-                    let targets: Vec<_> = needed
-                        .iter()
-                        .filter_map(|topic| topic_target(&shared.prefix, topic))
-                        .collect();
-                    sink.reconnect(&targets, gap.at_ms);
-                };
+                let everyone = || sink.reconnect(&targets(&shared.prefix, &needed), gap.at_ms);
                 hold.release(caught.until, everyone, |offset, n| {
                     deliver(shared, sink, offset, &n, true)
                 });
