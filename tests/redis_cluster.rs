@@ -53,10 +53,11 @@ async fn sharded_pubsub_delivers_every_variant_across_nodes_in_order() {
         "the topics spread over the masters"
     );
     sockets.every_variant_in_order(&a, &b).await;
-    // No history: only the two nodes' heartbeats.
+    // No history: nothing but the nodes' heartbeats (each kept 3 s, so a
+    // node starved that long on a loaded machine may have none just now).
     let keys = cluster.keys();
     assert!(
-        keys.len() == 2 && keys.iter().all(|k| k.starts_with("channels:n:")),
+        keys.iter().all(|k| k.starts_with("channels:n:")),
         "no history kept: {keys:?}"
     );
 }

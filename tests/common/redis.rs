@@ -199,7 +199,10 @@ impl RedisCluster {
     pub fn keys(&self) -> Vec<String> {
         self.masters
             .iter()
-            .filter_map(|m| m.cli(&["--scan"]))
+            .map(|m| {
+                m.cli(&["--scan"])
+                    .unwrap_or_else(|| panic!("cannot scan the master on port {}", m.port))
+            })
             .flat_map(|out| out.lines().map(str::to_string).collect::<Vec<_>>())
             .filter(|k| !k.is_empty())
             .collect()
