@@ -589,7 +589,8 @@ async function lostByOneNode(a, b, away, back) {
 
 /**
  * Node a on a Redis through a proxy that can cut it off (`away`, `back`),
- * node b on the same Redis directly, both with `env`; runs `scene`.
+ * node b on the same Redis directly, both with `env`; runs `scene` with
+ * them and the Redis.
  */
 async function oneNodeCutOff(env, scene, { redisConfig = [] } = {}) {
   const redis = await startRedis();
@@ -603,7 +604,7 @@ async function oneNodeCutOff(env, scene, { redisConfig = [] } = {}) {
     await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 503, 5000, "a not ready");
   };
   try {
-    await scene(a, b, away, async () => link.resume());
+    await scene(a, b, away, async () => link.resume(), redis);
   } finally {
     await link.close();
     await a.stop();
@@ -661,6 +662,40 @@ test("a node that lost Redis for longer than the retention while the others post
     await post(b, { msg: "after", channel: "admin" });
     await post(b, { msg: "after", keycloak: "mia" });
     await exactly(noa, ["after"]);
+    await exactly(mia, ["after"]);
+    assert.deepEqual([noa.recoveries, mia.recoveries], [[false, false], [false, false]]);
+    noa.close();
+    mia.close();
+  });
+});
+
+// Redis evicted every key while node a was away, mia's stream with what
+// she missed among them, and node b noticed first (its reconnect found the
+// history's records gone): a's catch-up cannot give what its sockets
+// missed, so every one of them reconnects, not recovered, rather than
+// staying connected without it.
+test("a node that lost Redis while Redis evicted keys that another node noticed first: every socket of it reconnects, not recovered", async () => {
+  await oneNodeCutOff({}, async (a, b, away, back, redis) => {
+    const cli = (...args) => execFileSync("redis-cli", ["-p", String(redis.port), ...args]).toString().trim();
+    const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
+    const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
+    await post(b, { msg: "before", channel: "admin" });
+    await exactly(noa, ["before"]);
+    await away();
+    await post(b, { msg: "while a was away", keycloak: "mia", channel: "b2b" });
+    cli("CONFIG", "SET", "maxmemory-policy", "allkeys-random");
+    cli("CONFIG", "SET", "maxmemory", "1");
+    await waitFor(async () => cli("DBSIZE") === "0", 5000, "every key evicted");
+    cli("CONFIG", "SET", "maxmemory", "0");
+    cli("CLIENT", "KILL", "TYPE", "pubsub");
+    // b's reconnect finds the history's records gone: a new epoch.
+    await waitFor(async () => cli("EXISTS", "channels:master") === "1", 15_000, "b reconnected");
+    await back();
+    await waitFor(() => [noa, mia].every((s) => s.connected && s.recoveries.length === 2), 15_000, "both back");
+    await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 200, 15_000, "a ready again");
+    await post(b, { msg: "after", channel: "admin" });
+    await post(b, { msg: "after", keycloak: "mia" });
+    await exactly(noa, ["before", "after"]);
     await exactly(mia, ["after"]);
     assert.deepEqual([noa.recoveries, mia.recoveries], [[false, false], [false, false]]);
     noa.close();

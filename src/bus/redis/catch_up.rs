@@ -205,7 +205,8 @@ pub async fn catch_up(
         invocation
             .key(keys.sequence())
             .key(keys.epoch())
-            .key(keys.evicted());
+            .key(keys.evicted())
+            .key(keys.evicted_from());
         for target in chunk {
             invocation.key(keys.stream(&StreamKey::of(target)));
         }

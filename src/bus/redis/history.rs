@@ -45,6 +45,10 @@
 //!   begins a new epoch at the next offset and records the count: no
 //!   session from before that read is recovered (the eviction happened
 //!   at some point before it; Redis does not say when, nor what it took).
+//!   Whichever script notices an eviction first (a recovery read, a
+//!   node's connect, a catch-up) records that epoch's first offset in
+//!   `{prefix}:evicted-from`, so a node catching up from before it learns
+//!   of the eviction though another noticed it ([`CATCH_UP_SCRIPT`]).
 //! * [`RECOVER_SCRIPT`] reads the session's record, its node's heartbeat,
 //!   the epoch and both of its streams after the offset in one round trip.
 //!
@@ -63,9 +67,11 @@ use crate::{
 /// Lua, put before the history scripts:
 /// `clock_base()` is Redis's clock in ms × 1000, where a new sequence
 /// starts; `evicted_keys()` is Redis's count of evicted keys, as text;
-/// `check_evictions(sequence, epoch, evictions)` begins a new epoch when
-/// that count moved since it was recorded (see the module documentation)
-/// and returns whether it did; `read_stream(out, stream, from, to, count)`
+/// `evictions_seen(evictions)` records that count and returns whether it
+/// moved since it was recorded (see the module documentation);
+/// `check_evictions(sequence, epoch, evictions, evicted_from)` begins a
+/// new epoch, and records where in `evicted_from`, when it did, and
+/// returns whether it did; `read_stream(out, stream, from, to, count)`
 /// appends to `out` the stream's entries ever added, its length, its first
 /// id, and at most `count` of its entries from `from` to `to`.
 const PRELUDE: &str = r"
@@ -76,24 +82,26 @@ end
 local function evicted_keys()
   return string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''
 end
-local function check_evictions(sequence, epoch, evictions)
+local function evictions_seen(evictions)
   local evicted = evicted_keys()
   local recorded = redis.call('GET', evictions)
   if recorded == evicted then return false end
-  local began = false
-  if recorded or evicted ~= '0' then
-    local seq = redis.call('GET', sequence)
-    local base
-    if seq then
-      base = tonumber(seq) + 1
-    else
-      base = clock_base()
-    end
-    redis.call('SET', epoch, string.format('%.0f', base))
-    began = true
-  end
   redis.call('SET', evictions, evicted)
-  return began
+  return recorded ~= false or evicted ~= '0'
+end
+local function check_evictions(sequence, epoch, evictions, evicted_from)
+  if not evictions_seen(evictions) then return false end
+  local seq = redis.call('GET', sequence)
+  local base
+  if seq then
+    base = tonumber(seq) + 1
+  else
+    base = clock_base()
+  end
+  local text = string.format('%.0f', base)
+  redis.call('SET', epoch, text)
+  redis.call('SET', evicted_from, text)
+  return true
 end
 local function read_stream(out, stream, from, to, count)
   if redis.call('EXISTS', stream) == 1 then
@@ -155,7 +163,8 @@ return out
 });
 
 /// See the module documentation. KEYS: the recorded replication id, the
-/// sequence, the epoch, the evictions record. The replication id is read
+/// sequence, the epoch, the evictions record and where the history was
+/// last found evicted. The replication id is read
 /// here, on the Redis that holds the keys: on a Redis Cluster, the master
 /// of their slot. Returns 1 when a new epoch began (else 0), and the
 /// sequence's current value.
@@ -174,7 +183,7 @@ if redis.call('GET', KEYS[1]) ~= id then
   redis.call('SET', KEYS[2], text)
   redis.call('SET', KEYS[3], text)
   redis.call('SET', KEYS[1], id)
-  redis.call('SET', KEYS[4], evicted_keys())
+  if evictions_seen(KEYS[4]) then redis.call('SET', KEYS[5], text) end
   began = 1
 end
 return { began, redis.call('GET', KEYS[2]) or '0' }
@@ -185,7 +194,8 @@ return { began, redis.call('GET', KEYS[2]) or '0' }
 });
 
 /// KEYS: session record, origin heartbeat, epoch, channel stream, user
-/// stream, the sequence, the evictions record. ARGV: the offset after
+/// stream, the sequence, the evictions record, where the history was last
+/// found evicted. ARGV: the offset after
 /// which to read, the most entries per stream. First begins a new epoch if
 /// Redis evicted keys since the last one (see the module documentation).
 /// Returns the record, the heartbeat, the epoch, then per stream its
@@ -196,7 +206,7 @@ pub static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
         &[
             PRELUDE,
             r"
-check_evictions(KEYS[6], KEYS[3], KEYS[7])
+check_evictions(KEYS[6], KEYS[3], KEYS[7], KEYS[8])
 local out = { redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3]) }
 for i = 4, 5 do
   read_stream(out, KEYS[i], '(' .. ARGV[1] .. '-0', '+', ARGV[2])
@@ -208,18 +218,22 @@ return out
     )
 });
 
-/// KEYS: the sequence, the epoch, the evictions record, then the streams
-/// to read. ARGV: the offset after which to read, the offset up to which,
-/// the most entries per stream. Returns whether Redis evicted keys since
-/// the evictions were recorded (a new epoch began: any stream may have
-/// lost entries), then per stream what [`RECOVER_SCRIPT`] returns of one.
+/// KEYS: the sequence, the epoch, the evictions record, where the history
+/// was last found evicted, then the streams to read. ARGV: the offset
+/// after which to read, the offset up to which, the most entries per
+/// stream. Returns whether Redis evicted keys after that offset (any
+/// stream may have lost entries): seen by this call, or by an earlier
+/// script of any node, which recorded the offset its new epoch began at;
+/// then per stream what [`RECOVER_SCRIPT`] returns of one.
 pub static CATCH_UP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[
             PRELUDE,
             r"
-local out = { check_evictions(KEYS[1], KEYS[2], KEYS[3]) and 1 or 0 }
-for i = 4, #KEYS do
+local evicted = check_evictions(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  or tonumber(redis.call('GET', KEYS[4]) or '0') > tonumber(ARGV[1])
+local out = { evicted and 1 or 0 }
+for i = 5, #KEYS do
   read_stream(out, KEYS[i], '(' .. ARGV[1] .. '-0', ARGV[2] .. '-0', ARGV[3])
 end
 return out
@@ -256,6 +270,9 @@ impl Keys<'_> {
     }
     pub fn evicted(&self) -> String {
         format!("{}:evicted", self.0)
+    }
+    pub fn evicted_from(&self) -> String {
+        format!("{}:evicted-from", self.0)
     }
     pub fn heartbeat(&self, node: NodeId) -> String {
         format!("{}:n:{:016x}", self.0, node.0)

@@ -409,6 +409,7 @@ impl RedisBus {
             .key(keys.stream(&user_stream))
             .key(keys.sequence())
             .key(keys.evicted())
+            .key(keys.evicted_from())
             .arg(recovering.after)
             .arg(settings.max_missed + 1);
         let reply = connection

@@ -380,7 +380,8 @@ async fn check_epoch(shared: &Shared, connection: &mut Connection) -> redis::Red
         .key(keys.master())
         .key(keys.sequence())
         .key(keys.epoch())
-        .key(keys.evicted());
+        .key(keys.evicted())
+        .key(keys.evicted_from());
     let (began, sequence): (i64, String) = connection.invoke(&invocation).await?;
     if began == 1 {
         tracing::info!(
