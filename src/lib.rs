@@ -135,8 +135,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Node, StartE
         closing,
         tasks: tasks.clone(),
     };
-    let (socket_io, io) = gateway::service(&config, gateway, http::router(state));
-    let app = http::app(socket_io, &config, limiters.clone());
+    let not_found = axum::handler::HandlerWithoutStateExt::into_service(http::not_found);
+    let (socket_io, io) = gateway::service(&config, gateway, not_found);
+    let app = http::app(http::router(state), socket_io, &config, limiters.clone());
 
     let addr = listener.local_addr()?;
     tasks.spawn(forget_idle_clients(limiters.clone(), shutting_down.clone()));

@@ -21,18 +21,18 @@ use std::sync::Arc;
 use axum::{
     Extension, Json,
     body::Body,
-    extract::State,
+    extract::{Request, State},
     http::{HeaderMap, Uri},
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
-use serde_json::{Value, json, value::RawValue};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, value::RawValue};
 
 use super::{
     AppState, ClientAddr,
     error::ApiError,
     notify::{
-        answered, api_key, check_depth, header_key, idempotency_key, is_json, marked_replayed,
+        Answered, api_key, check_depth, header_key, idempotency_key, is_json, marked_replayed,
         parse_body, read_body, wants_receipt,
     },
 };
@@ -51,15 +51,20 @@ struct BatchBody {
     notifications: Option<Box<RawValue>>,
 }
 
+/// A batch's answer: each item's, in item order.
+#[derive(Serialize)]
+struct Results<'a> {
+    results: Vec<Answered<'a>>,
+}
+
 pub async fn batch(
     State(state): State<Arc<AppState>>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let (head, body) = request.into_parts();
     let result = match state.limiters.check_notify_address(client) {
-        Ok(()) => accept(&state, &uri, &headers, body).await,
+        Ok(()) => accept(&state, &head.uri, &head.headers, body).await,
         Err(refused) => Err(refused.into()),
     };
     match &result {
@@ -83,8 +88,8 @@ pub async fn batch(
     }
     let answers = result?;
     let all_replayed = answers.iter().all(|(_, replayed)| *replayed);
-    let results: Vec<Value> = answers.iter().map(|(a, _)| answered(a)).collect();
-    let response = Json(json!({ "results": results })).into_response();
+    let results = answers.iter().map(|(a, _)| a.into()).collect();
+    let response = Json(Results { results }).into_response();
     Ok(marked_replayed(response, all_replayed))
 }
 

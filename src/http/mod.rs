@@ -1,10 +1,10 @@
-//! The HTTP side of a node: the axum routers for `/authorize`, `/notify`,
+//! The HTTP side of a node: the axum router for `/authorize`, `/notify`,
 //! the backend API (`/notify/batch`, `/disconnect`, `/presence`), the
 //! operations endpoints and the client bundle.
 //!
-//! The request path: [`app`] serves the client bundle and hands everything
-//! else to the socket.io service, which takes `/socket.io/` requests and
-//! passes the rest to the API [`router`].
+//! The request path: [`app`] routes the API's calls and the client bundle,
+//! and hands every other path to the socket.io service, which takes
+//! `/socket.io/` requests and answers the rest with [`not_found`].
 
 mod authorize;
 mod batch;
@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::{
     cors::{AllowOrigin, Any, CorsLayer},
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
     trace::TraceLayer,
 };
 
@@ -68,7 +68,7 @@ pub struct AppState {
     pub shutting_down: CancellationToken,
 }
 
-/// The routes of the HTTP API, to be wrapped by the socket.io service.
+/// The routes of the HTTP API; [`app`] adds the rest.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/authorize", get(authorize::authorize))
@@ -80,16 +80,23 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
-        .fallback(|| async { ApiError::NotFound })
         .with_state(Arc::new(state))
 }
 
-/// The whole node: the client bundle first (socket.io would otherwise take
-/// `/socket.io/socket.io.js` for an engine.io request), then `socket_io`.
-/// Every request passes [`admit`], inside the request id, trace and CORS
-/// layers (so a refusal has its id, its span and, for a page, its CORS
-/// headers).
-pub fn app<S>(socket_io: S, config: &Config, limiters: Limiters) -> Router
+/// What answers a path nobody serves: the socket.io service's inner
+/// service, for requests outside `/socket.io/`.
+pub async fn not_found() -> Response {
+    ApiError::NotFound.into_response()
+}
+
+/// The whole node, one router: the API's routes, the client bundle (before
+/// socket.io, which would otherwise take `/socket.io/socket.io.js` for an
+/// engine.io request), then `socket_io` for every other path, which passes
+/// what is not its own to [`not_found`]. One router, so an API call is
+/// routed once. Every request passes [`admit`], inside the request id,
+/// trace and CORS layers (so a refusal has its id, its span and, for a
+/// page, its CORS headers).
+pub fn app<S>(api: Router, socket_io: S, config: &Config, limiters: Limiters) -> Router
 where
     S: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
         + Clone
@@ -99,8 +106,7 @@ where
     S::Response: axum::response::IntoResponse,
     S::Future: Send + 'static,
 {
-    Router::new()
-        .route("/socket.io/{file}", get(client_bundle::serve))
+    api.route("/socket.io/{file}", get(client_bundle::serve))
         .fallback_service(socket_io)
         // One layer: every `Router::layer` boxes the future of what it
         // wraps once more, for each request, and a long-polling GET keeps
@@ -109,7 +115,7 @@ where
             ServiceBuilder::new()
                 // Outermost first: the span needs the id, which the layer
                 // before it sets.
-                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(SetRequestIdLayer::new(REQUEST_ID, NewRequestId))
                 .layer(TraceLayer::new_for_http().make_span_with(request_span))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .option_layer(cors(config))
@@ -239,6 +245,19 @@ fn detach_head(request: &mut Request) {
 /// balancer or backend may set it), made up otherwise, echoed in the answer.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Makes the id of a request that came without one: a random UUID, as
+/// tower-http's `MakeRequestUuid` makes, without its `Display` and parse.
+#[derive(Clone, Copy)]
+struct NewRequestId;
+
+impl MakeRequestId for NewRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::try_from(crate::notification::new_id())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
 /// The span of one HTTP request: method, path (never the query or headers,
 /// which may carry credentials) and request id. Socket.IO connects are HTTP
 /// requests too, so their logs carry the id of the request that opened them.
@@ -270,11 +289,7 @@ fn cors(config: &Config) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(origins)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([
-                header::AUTHORIZATION,
-                header::CONTENT_TYPE,
-                HeaderName::from_static("x-api-key"),
-            ]),
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, notify::API_KEY]),
     )
 }
 

@@ -17,13 +17,13 @@ use std::{net::IpAddr, sync::Arc};
 use axum::{
     Extension, Json,
     body::Body,
-    extract::State,
-    http::{HeaderMap, HeaderValue, Uri, header},
+    extract::{Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, Uri, header},
     response::{IntoResponse, Response},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde::Deserialize;
-use serde_json::{Value, json, value::RawValue};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, value::RawValue};
 
 use super::{AppState, ClientAddr, error::ApiError};
 use crate::{
@@ -54,15 +54,16 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
     Box::<RawValue>::deserialize(d).map(Some)
 }
 
+/// Takes the whole request, not its URI and headers as extractors, which
+/// would copy them.
 pub async fn notify(
     State(state): State<Arc<AppState>>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let (head, body) = request.into_parts();
     let result = match state.limiters.check_notify_address(client) {
-        Ok(()) => accept(&state, &uri, &headers, body).await,
+        Ok(()) => accept(&state, &head.uri, &head.headers, body).await,
         Err(refused) => Err(refused.into()),
     };
     let (variant, outcome) = match &result {
@@ -77,21 +78,34 @@ pub async fn notify(
     }
     let (answer, replayed) = result?;
     Ok(marked_replayed(
-        Json(answered(&answer)).into_response(),
+        Json(Answered::from(&answer)).into_response(),
         replayed,
     ))
 }
 
 /// An accepted notification as the API answers it: its id and variant,
 /// and with a receipt, the sockets it reached and whether every node
-/// answered.
-pub(super) fn answered(answer: &Answer) -> Value {
-    let mut body = json!({"id": answer.id, "variant": answer.variant});
-    if let Some(Gathered { count, complete }) = answer.receipt {
-        body["sockets"] = count.into();
-        body["complete"] = complete.into();
+/// answered. Serialised from the answer as it is, with no JSON tree built
+/// for every call.
+#[derive(Serialize)]
+pub(super) struct Answered<'a> {
+    id: &'a str,
+    variant: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sockets: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<bool>,
+}
+
+impl<'a> From<&'a Answer> for Answered<'a> {
+    fn from(answer: &'a Answer) -> Self {
+        Answered {
+            id: &answer.id,
+            variant: answer.variant,
+            sockets: answer.receipt.map(|Gathered { count, .. }| count),
+            complete: answer.receipt.map(|Gathered { complete, .. }| complete),
+        }
     }
-    body
 }
 
 /// `response`, marked as a repeat's (`Idempotent-Replayed: true`) when
@@ -168,10 +182,16 @@ async fn accept(
     }
 }
 
+/// The header a backend's API key may come in: a name made once, where a
+/// `&str` would be parsed on every call.
+pub(super) const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The header of a call's idempotency key.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
 /// The `X-API-Key` header's key number, checked; `None` without one.
 pub(super) fn header_key(state: &AppState, headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
     headers
-        .get("x-api-key")
+        .get(API_KEY)
         .map(|v| check_key(state, v.to_str().unwrap_or_default()))
         .transpose()
 }
@@ -233,7 +253,7 @@ pub(super) fn check_depth(state: &AppState, msg: &RawValue) -> Result<(), String
 /// The `Idempotency-Key` header, checked; `None` without one.
 pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     headers
-        .get("idempotency-key")
+        .get(IDEMPOTENCY_KEY)
         .map(|v| IdempotencyKey::parse(v.as_bytes()))
         .transpose()
         .map_err(ApiError::BadRequest)
