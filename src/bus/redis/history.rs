@@ -127,9 +127,11 @@ end
 /// publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), a
 /// record's lifetime in ms, then four per item: its topic, its payload, the
 /// `KEYS` index of its record (`0`: none) and the record's value. Returns
-/// per item its offset and how many subscribers (nodes) received it, or
-/// `0` and the error (a stream key of another type, say) when its writes
-/// failed: an item's failure fails only that item, as separate calls would.
+/// one line per item, its offset and how many subscribers (nodes) received
+/// it, or `0` and the error (a stream key of another type, say) when its
+/// writes failed: an item's failure fails only that item, as separate calls
+/// would. One string, since the node parses each value of a reply at a
+/// cost ([`super::publisher::decode_published`]).
 pub static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[PRELUDE, r"
@@ -155,9 +157,13 @@ for i = 1, n do
   if not failed(reply) then
     reply = redis.pcall(ARGV[4], ARGV[at], seq .. ' ' .. ARGV[at + 1])
   end
-  if failed(reply) then out[i] = {0, reply.err} else out[i] = {seq, reply} end
+  if failed(reply) then
+    out[i] = '0 ' .. (string.gsub(reply.err, '\n', ' '))
+  else
+    out[i] = seq .. ' ' .. reply
+  end
 end
-return out
+return table.concat(out, '\n')
 "].concat(),
     )
 });

@@ -179,18 +179,11 @@ impl Publisher {
         } else {
             for chunk in items.chunks(SCRIPT_ITEMS) {
                 let invocation = script_call(shared, chunk, publish);
-                match connection
-                    .invoke::<Vec<(u64, redis::Value)>>(&invocation)
-                    .await
-                {
-                    Ok(replies) => outcomes.extend(replies.iter().map(|(offset, reply)| {
-                        if *offset == 0 {
-                            let e =
-                                redis::from_redis_value_ref::<String>(reply).unwrap_or_default();
-                            return Err(Self::item_failed(shared, &e));
-                        }
-                        shared.position.fetch_max(*offset, Ordering::AcqRel);
-                        Ok(redis::from_redis_value_ref::<usize>(reply).unwrap_or(0))
+                match connection.invoke::<String>(&invocation).await {
+                    Ok(reply) => outcomes.extend(decode_published(&reply).map(|line| {
+                        let (offset, received) = line.map_err(|e| Self::item_failed(shared, e))?;
+                        shared.position.fetch_max(offset, Ordering::AcqRel);
+                        Ok(received)
                     })),
                     Err(e) => {
                         Self::failed(shared, generation, &e);
@@ -249,6 +242,19 @@ fn calls(jobs: impl IntoIterator<Item = Job>, mut send: impl FnMut(Call)) {
     }
 }
 
+/// Reads [`PUBLISH_SCRIPT`]'s answer: per item, its offset and how many
+/// nodes received it, or the error Redis gave it.
+pub(super) fn decode_published(reply: &str) -> impl Iterator<Item = Result<(u64, usize), &str>> {
+    reply.split('\n').map(|line| {
+        let (offset, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match (offset.parse::<u64>(), rest.parse::<usize>()) {
+            (Ok(offset), Ok(received)) if offset > 0 => Ok((offset, received)),
+            (Ok(0), _) => Err(rest),
+            _ => Err("unreadable answer of the publish script"),
+        }
+    })
+}
+
 /// The publish script's call for `items` (recovery on): see
 /// [`PUBLISH_SCRIPT`] for its keys and arguments.
 fn script_call(
@@ -303,4 +309,32 @@ pub(super) fn beat(shared: &Shared, stopped: bool) -> redis::Cmd {
         .arg("PX")
         .arg((kept.as_millis() as u64).max(1));
     command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_published;
+
+    #[test]
+    fn each_line_is_an_item_published_or_refused() {
+        let reply = "1733000000000001 2\n0 WRONGTYPE Operation against a key\n1733000000000003 0";
+        let read: Vec<_> = decode_published(reply).collect();
+        assert_eq!(
+            read,
+            [
+                Ok((1_733_000_000_000_001, 2)),
+                Err("WRONGTYPE Operation against a key"),
+                Ok((1_733_000_000_000_003, 0)),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_line_is_a_failed_item() {
+        for reply in ["", "12", "x 1", "12 x", "0"] {
+            let read: Vec<_> = decode_published(reply).collect();
+            assert_eq!(read.len(), 1, "{reply:?}");
+            assert!(read[0].is_err(), "{reply:?}");
+        }
+    }
 }
