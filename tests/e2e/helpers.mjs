@@ -182,7 +182,10 @@ async function stopChild(child, signal) {
   await within(5_000);
 }
 
-/** A private redis-server on a free port (or on `port`, to restart one). */
+/**
+ * A private redis-server on a free port (or on `port`, to restart one);
+ * `cli(...args)` runs a command on it and returns its trimmed output.
+ */
 export async function startRedis(port) {
   port ??= await freePort();
   const { execFileSync } = await import("node:child_process");
@@ -211,6 +214,7 @@ export async function startRedis(port) {
     port,
     url,
     env: { CHANNELS_REDIS_URL: url },
+    cli: (...args) => execFileSync("redis-cli", ["-p", String(port), ...args]).toString().trim(),
     async stop() {
       await server.stop();
       rmSync(dir, { recursive: true, force: true });

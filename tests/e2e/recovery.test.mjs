@@ -443,7 +443,6 @@ test("Redis evicted keys while a socket was away: a fresh session, nothing stale
   const redis = await startRedis();
   const node = await readyNode(redis);
   const proxy = await startProxy(node);
-  const cli = (...args) => execFileSync("redis-cli", ["-p", String(redis.port), ...args]).toString().trim();
   try {
     const mia = await frontend(proxy, node, "mia", "admin", ["websocket"]);
     await post(node, { msg: "before", keycloak: "mia" });
@@ -452,12 +451,12 @@ test("Redis evicted keys while a socket was away: a fresh session, nothing stale
     await post(node, { msg: "missed", keycloak: "mia" });
     // Memory pressure under an eviction policy: Redis evicts keys of its
     // choosing, perhaps mia's history, perhaps only the filler.
-    cli("CONFIG", "SET", "maxmemory-policy", "allkeys-random");
-    cli("EVAL", "for i = 1, 500 do redis.call('SET', 'filler:' .. i, string.rep('x', 10000)) end", "0");
-    const used = Number(cli("INFO", "memory").match(/used_memory:(\d+)/)[1]);
-    cli("CONFIG", "SET", "maxmemory", String(used - 1_000_000));
-    assert.ok(Number(cli("INFO", "stats").match(/evicted_keys:(\d+)/)[1]) > 0, "Redis evicted keys");
-    cli("CONFIG", "SET", "maxmemory", "0");
+    redis.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-random");
+    redis.cli("EVAL", "for i = 1, 500 do redis.call('SET', 'filler:' .. i, string.rep('x', 10000)) end", "0");
+    const used = Number(redis.cli("INFO", "memory").match(/used_memory:(\d+)/)[1]);
+    redis.cli("CONFIG", "SET", "maxmemory", String(used - 1_000_000));
+    assert.ok(Number(redis.cli("INFO", "stats").match(/evicted_keys:(\d+)/)[1]) > 0, "Redis evicted keys");
+    redis.cli("CONFIG", "SET", "maxmemory", "0");
     await back(proxy, [mia], 2);
     assert.deepEqual(mia.recoveries, [false, false], "recovered, though the history may have lost entries");
     const metrics = await (await fetch(`${node.url}/metrics`)).text();
@@ -594,7 +593,7 @@ async function lostByOneNode(a, b, away, back) {
  */
 async function oneNodeCutOff(env, scene, { redisConfig = [] } = {}) {
   const redis = await startRedis();
-  if (redisConfig.length) execFileSync("redis-cli", ["-p", String(redis.port), "CONFIG", "SET", ...redisConfig]);
+  if (redisConfig.length) redis.cli("CONFIG", "SET", ...redisConfig);
   const link = await startProxy({ url: redis.url.replace("redis:", "http:") });
   const a = await readyNode({ env: { CHANNELS_REDIS_URL: link.url.replace("http:", "redis:"), ...env } });
   const b = await readyNode(redis, env);
@@ -676,20 +675,19 @@ test("a node that lost Redis for longer than the retention while the others post
 // staying connected without it.
 test("a node that lost Redis while Redis evicted keys that another node noticed first: every socket of it reconnects, not recovered", async () => {
   await oneNodeCutOff({}, async (a, b, away, back, redis) => {
-    const cli = (...args) => execFileSync("redis-cli", ["-p", String(redis.port), ...args]).toString().trim();
     const noa = await frontend(a, a, "noa", "admin", ["websocket"]);
     const mia = await frontend(a, a, "mia", "b2b", ["polling"]);
     await post(b, { msg: "before", channel: "admin" });
     await exactly(noa, ["before"]);
     await away();
     await post(b, { msg: "while a was away", keycloak: "mia", channel: "b2b" });
-    cli("CONFIG", "SET", "maxmemory-policy", "allkeys-random");
-    cli("CONFIG", "SET", "maxmemory", "1");
-    await waitFor(async () => cli("DBSIZE") === "0", 5000, "every key evicted");
-    cli("CONFIG", "SET", "maxmemory", "0");
-    cli("CLIENT", "KILL", "TYPE", "pubsub");
+    redis.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-random");
+    redis.cli("CONFIG", "SET", "maxmemory", "1");
+    await waitFor(async () => redis.cli("DBSIZE") === "0", 5000, "every key evicted");
+    redis.cli("CONFIG", "SET", "maxmemory", "0");
+    redis.cli("CLIENT", "KILL", "TYPE", "pubsub");
     // b's reconnect finds the history's records gone: a new epoch.
-    await waitFor(async () => cli("EXISTS", "channels:master") === "1", 15_000, "b reconnected");
+    await waitFor(async () => redis.cli("EXISTS", "channels:master") === "1", 15_000, "b reconnected");
     await back();
     await waitFor(() => [noa, mia].every((s) => s.connected && s.recoveries.length === 2), 15_000, "both back");
     await waitFor(async () => (await fetch(`${a.url}/readyz`)).status === 200, 15_000, "a ready again");
@@ -744,7 +742,7 @@ async function demotedMaster(scene) {
   const name = await startProxy({ url: old.url.replace("redis:", "http:") });
   const viaName = { CHANNELS_REDIS_URL: name.url.replace("http:", "redis:") };
   const demote = () => {
-    execFileSync("redis-cli", ["-p", String(old.port), "REPLICAOF", "127.0.0.1", String(promoted.port)]);
+    old.cli("REPLICAOF", "127.0.0.1", String(promoted.port));
     name.to({ url: promoted.url.replace("redis:", "http:") });
   };
   try {
