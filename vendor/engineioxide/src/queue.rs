@@ -49,8 +49,8 @@ const FIRST_ALLOCATION: usize = 16;
 /// of the last time keeps a buffer of [`FIRST_ALLOCATION`] items (see
 /// [`State::drained`]). A socket written to that often would
 /// otherwise allocate and free its buffer for every burst: in `loadtest run
-/// fanout` that was once per 2–5 deliveries, a tenth of the instructions
-/// per delivery (callgrind). An idle socket still holds none: its first
+/// fanout` that was once per 2–5 deliveries, 8 % of the instructions per
+/// delivery (callgrind). An idle socket still holds none: its first
 /// drain (after the CONNECT acknowledgement) gives it back, and a socket
 /// that falls idle gives it back at its next drain, at the latest the
 /// heartbeat's next ping.
