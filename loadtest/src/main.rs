@@ -243,27 +243,27 @@ impl Scenario {
                 ("lost", |r| r.lost as f64),
                 ("out of order", |r| r.out_of_order as f64),
             ],
-            Scenario::Cluster => vec![
-                ("notifies/s", |r| r.notifies_per_s),
-                ("p99 ms", |r| r.p99_ms),
-                ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
-                ("Redis CPU µs per notify", |r| {
-                    r.redis_cpu_us_per_notify.unwrap_or(0.0)
-                }),
-                ("lost", |r| r.lost as f64),
-                ("out of order", |r| r.out_of_order as f64),
-                ("cores busy: server", |r| r.server_cores),
-                ("cores busy: generator", |r| r.generator_cores),
-            ],
-            Scenario::Targeted | Scenario::Batch => vec![
-                ("notifies/s", |r| r.notifies_per_s),
-                ("p99 ms", |r| r.p99_ms),
-                ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
-                ("lost", |r| r.lost as f64),
-                ("out of order", |r| r.out_of_order as f64),
-                ("cores busy: server", |r| r.server_cores),
-                ("cores busy: generator", |r| r.generator_cores),
-            ],
+            Scenario::Targeted | Scenario::Cluster | Scenario::Batch => {
+                let mut rows: Vec<(&'static str, Measure)> = vec![
+                    ("notifies/s", |r| r.notifies_per_s),
+                    ("p99 ms", |r| r.p99_ms),
+                    ("server CPU µs per notify", |r| r.server_cpu_us_per_notify),
+                    ("lost", |r| r.lost as f64),
+                    ("out of order", |r| r.out_of_order as f64),
+                    ("cores busy: server", |r| r.server_cores),
+                    ("cores busy: generator", |r| r.generator_cores),
+                ];
+                // Only a cluster has a Redis, beside its servers' CPU.
+                if self == Scenario::Cluster {
+                    rows.insert(
+                        3,
+                        ("Redis CPU µs per notify", |r| {
+                            r.redis_cpu_us_per_notify.unwrap_or(0.0)
+                        }),
+                    );
+                }
+                rows
+            }
         }
     }
 }
